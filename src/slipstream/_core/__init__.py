@@ -1,0 +1,4 @@
+"""Foundations shared by every layer: errors, argument checks, extras, stats, shared memory.
+
+Imports nothing from the layers above it.
+"""

@@ -1,0 +1,106 @@
+"""Measurement records: where a pipeline's time goes, stage by stage.
+
+A :class:`Meter` is the mutable accumulator a stage owns; :class:`StageStats` and
+:class:`PipelineStats` are the frozen snapshots users read. Meters are written by the threads of
+their stage and read (without a lock: every field is a single Python number) by ``stats()``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class StageStats:
+    """One stage's figures since the pipeline was built.
+
+    ``busy_s`` sums the stage's own work over its workers; ``wait_input_s`` is time spent waiting
+    for the stage upstream, ``wait_output_s`` time spent waiting for room downstream (a stage that
+    waits on its output is not the bottleneck).
+    """
+
+    name: str
+    items: int
+    busy_s: float
+    wait_input_s: float
+    wait_output_s: float
+    queue_depth: int
+    queue_capacity: int
+    workers: int
+    skipped: tuple[int, ...] = ()
+
+    @property
+    def rate(self) -> float:
+        """Items per second of busy time per worker (0 when idle)."""
+        return self.items * self.workers / self.busy_s if self.busy_s > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineStats:
+    """Snapshot of a pipeline: every stage, and the consumer's stall (time blocked in ``next``)."""
+
+    stages: tuple[StageStats, ...]
+    items: int
+    elapsed_s: float
+    stall_s: float
+    skipped: tuple[int, ...] = field(default=())
+
+    @property
+    def throughput(self) -> float:
+        """Items delivered per second of wall time."""
+        return self.items / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def stall_fraction(self) -> float:
+        """Share of wall time the consumer spent waiting for the pipeline."""
+        return self.stall_s / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def __str__(self) -> str:
+        head = (
+            f"{'stage':<28}{'items':>10}{'busy s':>9}{'wait in':>9}{'wait out':>9}"
+            f"{'queue':>9}{'workers':>8}"
+        )
+        rows = [head]
+        rows.extend(
+            f"{s.name[:27]:<28}{s.items:>10}{s.busy_s:>9.2f}{s.wait_input_s:>9.2f}"
+            f"{s.wait_output_s:>9.2f}{f'{s.queue_depth}/{s.queue_capacity}':>9}{s.workers:>8}"
+            for s in self.stages
+        )
+        rows.append(
+            f"consumer: {self.items} items in {self.elapsed_s:.2f} s "
+            f"({self.throughput:,.0f}/s), stall {self.stall_s:.2f} s "
+            f"({100 * self.stall_fraction:.1f}%), skipped {len(self.skipped)}"
+        )
+        return "\n".join(rows)
+
+
+class Meter:
+    """Mutable counters of one stage. Each field is written by the stage's own threads only."""
+
+    __slots__ = ("busy", "items", "name", "skipped", "wait_in", "wait_out", "workers")
+
+    def __init__(self, name: str, workers: int = 1) -> None:
+        self.name = name
+        self.workers = workers
+        self.items = 0
+        self.busy = 0.0
+        self.wait_in = 0.0
+        self.wait_out = 0.0
+        self.skipped: list[int] = []
+
+    def snapshot(self, depth: int = 0, capacity: int = 0) -> StageStats:
+        return StageStats(
+            self.name,
+            self.items,
+            self.busy,
+            self.wait_in,
+            self.wait_out,
+            depth,
+            capacity,
+            self.workers,
+            tuple(self.skipped),
+        )
+
+
+now = time.perf_counter

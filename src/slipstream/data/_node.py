@@ -1,0 +1,238 @@
+"""The running form of a pipeline: a chain of nodes, each pulling from the one upstream.
+
+Every item carries its *cursor*: the state that, loaded into a fresh chain, continues right after
+that item. A node's cursor format is its upstream's, wrapped where the node buffers (unbatch,
+shuffle window), so the pipeline's state is the cursor of the last item the consumer received.
+
+The framework owns ``next``: it times each stage and counts items; subclasses write ``_start``
+and ``_next``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from slipstream._core.errors import LifecycleError, StallError
+from slipstream._core.stats import Meter, StageStats, now
+
+Cursor = Any  # JSON-able: None (start of the epoch), ints, and lists of cursors
+
+# How often a waiting consumer wakes to check its deadline and its producer's health.
+POLL_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Ctx:
+    """What every node needs to start an epoch: seed, epoch, origin and the stall deadline."""
+
+    seed: int
+    epoch: int
+    origin: int = 0
+    stall_timeout: float | None = None
+
+
+@dataclass(slots=True)
+class Item:
+    """One value on its way down the chain, with its resume cursor and its sample index.
+
+    A batch's ``key`` is its first sample's index and ``keys`` lists them all.
+    """
+
+    value: Any
+    cursor: Cursor
+    key: int
+    keys: list[int] | None = None
+
+
+class Node:
+    """One stage of a running pipeline.
+
+    ``start`` (re)starts at a cursor, ``next`` returns an :class:`Item` or raises StopIteration,
+    ``close`` releases threads and processes and closes upstream. Unless a subclass says
+    otherwise, all three are called from the consumer's thread only. A ``background`` node works
+    in threads of its own, which account for its busy time; its ``next`` only hands items over.
+    """
+
+    background = False
+
+    def __init__(self, name: str, upstream: Node | None, workers: int = 1) -> None:
+        self.name = name
+        self.upstream = upstream
+        self.meter = Meter(name, workers)
+        self.ctx = Ctx(0, 0)
+        self._closed = False
+
+    def start(self, ctx: Ctx, cursor: Cursor) -> None:
+        self.ctx = ctx
+        self._start(ctx, cursor)
+
+    def _start(self, ctx: Ctx, cursor: Cursor) -> None:
+        if self.upstream is not None:
+            self.upstream.start(ctx, cursor)
+
+    def next(self) -> Item:
+        if self.background:
+            item = self._next()
+            self.meter.items += 1
+            return item
+        t0, w0 = now(), self.meter.wait_in
+        item = self._next()
+        self.meter.busy += now() - t0 - (self.meter.wait_in - w0)
+        self.meter.items += 1
+        return item
+
+    def _next(self) -> Item:
+        raise NotImplementedError
+
+    def pull(self) -> Item:
+        """The next upstream item, with the wait counted as this stage's input wait."""
+        assert self.upstream is not None
+        t0 = now()
+        try:
+            return self.upstream.next()
+        finally:
+            self.meter.wait_in += now() - t0
+
+    def depth(self) -> tuple[int, int]:
+        """Items buffered in this stage and its bound."""
+        return 0, 0
+
+    def stats(self) -> StageStats:
+        return self.meter.snapshot(*self.depth())
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close()
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def _close(self) -> None:
+        """Release this stage's own threads and processes (upstream is closed after)."""
+
+    def chain(self) -> list[Node]:
+        """This node and everything upstream, source first."""
+        nodes: list[Node] = []
+        node: Node | None = self
+        while node is not None:
+            nodes.append(node)
+            node = node.upstream
+        return nodes[::-1]
+
+
+class _End:
+    pass
+
+
+_END = _End()
+
+
+class Channel:
+    """A bounded queue from one producer thread to one consumer thread.
+
+    The producer calls ``put`` (blocks while full; returns False once the consumer closed the
+    channel), then ``finish`` or ``fail``. The consumer calls ``get``, which never waits past its
+    deadline and says what it was waiting for when it gives up.
+    """
+
+    def __init__(self, capacity: int, meter: Meter) -> None:
+        self.capacity = capacity
+        self._q: deque[Any] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._meter = meter
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def put(self, item: Any) -> bool:
+        with self._cond:
+            if len(self._q) >= self.capacity and not self._closed:
+                t0 = now()
+                while len(self._q) >= self.capacity and not self._closed:
+                    self._cond.wait()
+                self._meter.wait_out += now() - t0
+            if self._closed:
+                return False
+            self._q.append(item)
+            self._cond.notify_all()
+            return True
+
+    def finish(self) -> None:
+        self.put(_END)
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self._q.append(_Failure(exc))
+            self._cond.notify_all()
+
+    def get(
+        self, timeout: float | None, alive: Callable[[], bool], waiting_for: Callable[[], str]
+    ) -> Any:
+        """Next item; StopIteration after ``finish``; the producer's error after ``fail``."""
+        with self._cond:
+            deadline = None if timeout is None else now() + timeout
+            while not self._q:
+                if self._closed:
+                    raise LifecycleError("the pipeline was closed while a consumer waited on it")
+                if deadline is not None and now() > deadline:
+                    raise StallError(f"no item within {timeout} s: waiting for {waiting_for()}")
+                if not alive():
+                    raise StallError(f"the thread producing {waiting_for()} exited unexpectedly")
+                self._cond.wait(POLL_S)
+            item = self._q.popleft()
+            self._cond.notify_all()
+        if item is _END:
+            with self._cond:
+                self._q.appendleft(_END)  # stay ended for repeated calls
+            raise StopIteration
+        if isinstance(item, _Failure):
+            raise item.exc
+        return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._q.clear()
+            self._cond.notify_all()
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    exc: BaseException
+
+
+class Pump:
+    """A thread that moves items from ``produce()`` into a :class:`Channel` until told to stop."""
+
+    def __init__(self, name: str, produce: Callable[[], Any], channel: Channel) -> None:
+        self.channel = channel
+        self._produce = produce
+        self._thread = threading.Thread(target=self._run, name=f"slipstream-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    item = self._produce()
+                except StopIteration:
+                    self.channel.finish()
+                    return
+                if not self.channel.put(item):
+                    return
+        except BaseException as e:
+            self.channel.fail(e)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the channel and wait for the thread; a thread stuck in user code is left."""
+        self.channel.close()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)

@@ -1,0 +1,434 @@
+"""``map``: the same stage run inline, by threads, by coroutines or by processes.
+
+:class:`ParallelMapNode` keeps a bounded window of items in flight: a feeder thread pulls from
+upstream and submits to a pool; pools report results by sequence number; the consumer takes them
+back in order (or as they finish with ``ordered=False``). Errors follow an :class:`ErrorPolicy`
+applied in the consumer's order, so skips are deterministic too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from slipstream._core.errors import (
+    LifecycleError,
+    SourceError,
+    StageError,
+    StallError,
+    TooManySkippedError,
+)
+from slipstream._core.stats import Meter, now
+from slipstream.data._node import POLL_S, Ctx, Cursor, Item, Node
+from slipstream.data._rng import acall_with_sample, call_with_sample
+
+Errors = Literal["raise", "skip"]
+Work = Callable[[Item], Any]  # what a pool runs per item; returns the new value
+Done = Callable[[int, Item, Any], None]  # (sequence number, item, value or _Err)
+
+
+@dataclass(frozen=True, slots=True)
+class Err:
+    """A failed item: the exception, or its formatted traceback when it came from a process."""
+
+    exc: BaseException
+    where: str = ""
+
+
+SKIP = object()  # outcome of an item dropped without running (known bad sample)
+
+
+class ErrorPolicy:
+    """``errors="raise"`` re-raises with stage and sample; ``"skip"`` drops and counts.
+
+    ``max_skipped`` is a count, or a fraction of the samples seen (checked once at least
+    ``1/max_skipped`` were seen). Skipped indices persist in the pipeline state: a resumed or
+    later epoch drops them without running the function again.
+    """
+
+    def __init__(self, stage: str, errors: Errors, max_skipped: float | None, meter: Meter) -> None:
+        self.stage, self.errors, self.max_skipped, self.meter = stage, errors, max_skipped, meter
+        self.known: set[int] = set()
+        self.seen = 0
+
+    def load(self, skipped: list[int]) -> None:
+        self.meter.skipped = list(skipped)
+        self.known = set(skipped)
+
+    def fail(self, item: Item, err: Err) -> None:
+        """Raise for ``item``, or record it as skipped. Source errors name their location."""
+        if isinstance(err.exc, SourceError):
+            raise err.exc
+        if self.errors == "raise":
+            raise StageError(
+                f"stage '{self.stage}' failed on sample {item.key}: "
+                f"{type(err.exc).__name__}: {err.exc}{err.where}",
+                stage=self.stage,
+                index=item.key,
+            ) from err.exc
+        self.skip(item.key)
+
+    def skip(self, key: int) -> None:
+        if key not in self.known:
+            self.known.add(key)
+            self.meter.skipped.append(key)
+        count, limit = len(self.meter.skipped), self.max_skipped
+        if limit is None:
+            return
+        over = (
+            count > limit if limit >= 1 else (self.seen * limit >= 1 and count > limit * self.seen)
+        )
+        if over:
+            raise TooManySkippedError(
+                f"stage '{self.stage}' skipped {count} samples, more than max_skipped={limit} "
+                f"(after {self.seen} seen); the first were {self.meter.skipped[:10]}"
+            )
+
+
+def run_item(fn: Callable[[Any], Any], item: Item, ctx: Ctx, stage: int) -> Any:
+    """``fn(item.value)`` with the sample's random key set; an exception becomes :class:`Err`."""
+    try:
+        return call_with_sample(fn, item.value, ctx.seed, ctx.epoch, stage, item.key)
+    except Exception as e:
+        return Err(e)
+
+
+async def arun_item(fn: Callable[[Any], Any], item: Item, ctx: Ctx, stage: int) -> Any:
+    """The coroutine form of :func:`run_item`."""
+    try:
+        return await acall_with_sample(fn, item.value, ctx.seed, ctx.epoch, stage, item.key)
+    except Exception as e:
+        return Err(e)
+
+
+class Pool(Protocol):
+    """Runs work on items; results come back through the ``done`` callback it was made with.
+
+    ``flush`` is called when the feeder is about to wait, so a pool that batches submissions
+    sends what it holds.
+    """
+
+    def submit(self, seq: int, item: Item) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def failure(self) -> BaseException | None:
+        """``None`` while healthy, else the error that stops the stage (a dead worker)."""
+
+    def close(self) -> None: ...
+
+
+PoolFactory = Callable[[Ctx, Done, Meter], Pool]
+
+
+class InlineMapNode(Node):
+    """``map`` with ``workers=0``: runs in the consumer's thread, for cheap functions."""
+
+    def __init__(self, upstream: Node, fn: Callable[[Any], Any], stage: int, policy: ErrorPolicy):
+        super().__init__(policy.stage, upstream)
+        self.fn, self.stage, self.policy = fn, stage, policy
+
+    def _next(self) -> Item:
+        while True:
+            item = self.pull()
+            self.policy.seen += 1
+            if item.key in self.policy.known:
+                self.policy.skip(item.key)
+                continue
+            out = run_item(self.fn, item, self.ctx, self.stage)
+            if isinstance(out, Err):
+                self.policy.fail(item, out)
+                continue
+            return Item(out, item.cursor, item.key, item.keys)
+
+
+class ThreadPool:
+    """``workers`` owned threads. The feeder thread submits; worker threads call ``done``."""
+
+    def __init__(self, name: str, work: Work, workers: int, done: Done, meter: Meter) -> None:
+        import queue
+
+        self._q: queue.SimpleQueue[tuple[int, Item] | None] = queue.SimpleQueue()
+        self._work, self._done, self._meter = work, done, meter
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"slipstream-{name}-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        while (task := self._q.get()) is not None:
+            seq, item = task
+            t0 = now()
+            out = self._work(item)
+            dt = now() - t0
+            with self._lock:
+                self._meter.busy += dt
+            self._done(seq, item, out)
+
+    def submit(self, seq: int, item: Item) -> None:
+        self._q.put((seq, item))
+
+    def flush(self) -> None:
+        pass
+
+    def failure(self) -> BaseException | None:
+        return None
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join(10.0)
+
+
+class AsyncPool:
+    """One owned event-loop thread running ``work`` coroutines; the window bounds concurrency."""
+
+    def __init__(
+        self,
+        name: str,
+        work: Callable[[Item], Any],
+        done: Done,
+        meter: Meter,
+        on_close: Callable[[], Any] | None = None,
+    ) -> None:
+        self._work, self._done, self._meter, self._on_close = work, done, meter, on_close
+        self._loop = asyncio.new_event_loop()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"slipstream-{name}-loop", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, seq: int, item: Item) -> None:
+        self._loop.call_soon_threadsafe(self._spawn, seq, item)
+
+    def _spawn(self, seq: int, item: Item) -> None:
+        task = self._loop.create_task(self._run(seq, item))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, seq: int, item: Item) -> None:
+        t0 = now()
+        try:
+            out = await self._work(item)
+        except Exception as e:
+            out = Err(e)
+        self._meter.busy += now() - t0  # only the loop thread writes busy
+        self._done(seq, item, out)
+
+    def flush(self) -> None:
+        pass
+
+    def failure(self) -> BaseException | None:
+        if self._thread.is_alive():
+            return None
+        return StallError("the event loop thread of an async map exited unexpectedly")
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._on_close is not None:
+                await self._on_close()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10.0)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10.0)
+        self._loop.close()
+
+
+def format_remote(exc: BaseException) -> str:
+    """The traceback of ``exc`` as text, for errors that cross a process boundary."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class ParallelMapNode(Node):
+    """A window of at most ``window`` items in flight through a :class:`Pool`.
+
+    Threads: the feeder thread pulls upstream and submits; pool threads call ``_done``; the
+    consumer's thread takes results. All shared fields are guarded by ``_cond``.
+    Ordered cursor: the item's own. Unordered cursor: ``["u", watermark, keys delivered past it]``.
+    """
+
+    background = True
+
+    def __init__(
+        self,
+        upstream: Node,
+        make_pool: PoolFactory,
+        window: int,
+        ordered: bool,
+        policy: ErrorPolicy,
+        workers: int,
+        stage: int = -1,
+    ) -> None:
+        super().__init__(policy.stage, upstream, workers)
+        self.make_pool, self.window, self.ordered, self.policy = make_pool, window, ordered, policy
+        self.stage = stage  # the user's stage number (keys sample randomness); -1 for reads
+        self._pool: Pool | None = None
+        self._feeder: threading.Thread | None = None
+        self._cond = threading.Condition()
+
+    def _start(self, ctx: Ctx, cursor: Cursor) -> None:
+        ahead: set[int] = set()
+        if cursor is not None and isinstance(cursor, list) and cursor[:1] == ["u"]:
+            cursor, ahead = cursor[1], set(cursor[2])
+        # Workers start before anything upstream starts a thread (process pools fork here).
+        self._pool = self.make_pool(ctx, self._done, self.meter)
+        assert self.upstream is not None
+        self.upstream.start(ctx, cursor)
+        self._results: dict[int, tuple[Item, Any]] = {}
+        self._submitted: dict[int, tuple[int, float]] = {}
+        self._next_seq, self._taken, self._inflight, self._stopping = 0, 0, 0, False
+        self._end: int | None = None
+        self._fatal: tuple[int, BaseException] | None = None
+        self._watermark: tuple[int, Cursor] = (-1, cursor)
+        self._delivered: dict[int, Item] = {}
+        self._ahead = ahead
+        self._feeder = threading.Thread(
+            target=self._feed, name=f"slipstream-{self.name}-feeder", daemon=True
+        )
+        self._feeder.start()
+
+    def _feed(self) -> None:
+        seq = 0
+        try:
+            while True:
+                self._wait_for_room()
+                if self._stopping:
+                    return
+                try:
+                    item = self.pull()
+                except StopIteration:
+                    assert self._pool is not None
+                    self._pool.flush()
+                    with self._cond:
+                        self._end = seq
+                        self._cond.notify_all()
+                    return
+                if item.key in self._ahead:  # delivered before the resume point (unordered)
+                    self._ahead.discard(item.key)
+                    continue
+                self._submit(seq, item)
+                seq += 1
+        except BaseException as e:
+            with self._cond:
+                self._fatal = (seq, e)
+                self._cond.notify_all()
+
+    def _wait_for_room(self) -> None:
+        with self._cond:
+            if self._inflight < self.window or self._stopping:
+                return
+        assert self._pool is not None
+        self._pool.flush()
+        with self._cond:
+            t0 = now()
+            while self._inflight >= self.window and not self._stopping:
+                self._cond.wait()
+            self.meter.wait_out += now() - t0
+
+    def _submit(self, seq: int, item: Item) -> None:
+        assert self._pool is not None
+        with self._cond:
+            self._inflight += 1
+            self._submitted[seq] = (item.key, now())
+        if item.key in self.policy.known:
+            self._done(seq, item, SKIP)
+        else:
+            self._pool.submit(seq, item)
+
+    def _done(self, seq: int, item: Item, out: Any) -> None:
+        with self._cond:
+            self._results[seq] = (item, out)
+            self._submitted.pop(seq, None)
+            self._cond.notify_all()
+
+    def _ready(self) -> int | None:
+        """The sequence number to deliver next, if any is ready (call with ``_cond`` held)."""
+        if self.ordered:
+            return self._next_seq if self._next_seq in self._results else None
+        return next(iter(self._results), None)
+
+    def _take(self) -> tuple[int, Item, Any]:
+        deadline = None if self.ctx.stall_timeout is None else now() + self.ctx.stall_timeout
+        with self._cond:
+            while (seq := self._ready()) is None:
+                self._check_stuck(deadline)
+                self._cond.wait(POLL_S)
+            item, out = self._results.pop(seq)
+            self._inflight -= 1
+            self._taken += 1
+            self._next_seq += 1
+            self._cond.notify_all()
+        return seq, item, out
+
+    def _check_stuck(self, deadline: float | None) -> None:
+        """Raise whatever keeps the next result from coming (called with ``_cond`` held)."""
+        fatal, end, taken = self._fatal, self._end, self._taken
+        if fatal is not None and (not self.ordered or fatal[0] <= taken):
+            raise fatal[1]
+        if end is not None and taken >= end:
+            raise StopIteration
+        if self._stopping or self._pool is None:
+            raise LifecycleError(f"stage '{self.name}' was closed while a consumer waited on it")
+        if (failure := self._pool.failure()) is not None:
+            raise failure
+        if deadline is not None and now() > deadline:
+            raise StallError(f"stage '{self.name}' made no progress: {self._waiting_for()}")
+
+    def _waiting_for(self) -> str:
+        if not self._submitted:
+            return f"waiting for its input, stage '{self.upstream.name if self.upstream else ''}'"
+        _, (key, t0) = min(self._submitted.items())
+        return (
+            f"{len(self._submitted)} item(s) in flight; sample {key} started {now() - t0:.1f} s ago"
+        )
+
+    def _next(self) -> Item:
+        while True:
+            seq, item, out = self._take()
+            self.policy.seen += 1
+            cursor = item.cursor if self.ordered else self._advance(seq, item)
+            if out is SKIP:
+                self.policy.skip(item.key)
+            elif isinstance(out, Err):
+                self.policy.fail(item, out)
+            else:
+                return Item(out, cursor, item.key, item.keys)
+
+    def _advance(self, seq: int, item: Item) -> Cursor:
+        """Unordered cursor: the last contiguous delivery, and keys delivered beyond it."""
+        self._delivered[seq] = item
+        low, cursor = self._watermark
+        while low + 1 in self._delivered:
+            low += 1
+            cursor = self._delivered.pop(low).cursor
+        self._watermark = (low, cursor)
+        return ["u", cursor, sorted(i.key for i in self._delivered.values())]
+
+    def depth(self) -> tuple[int, int]:
+        return (len(self._results), self.window) if self._pool is not None else (0, self.window)
+
+    def _close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self.upstream is not None:
+            self.upstream.close()  # unblocks a feeder waiting on upstream
+        if self._feeder is not None:
+            self._feeder.join(10.0)
+            self._feeder = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None

@@ -1,0 +1,373 @@
+"""``map(mode="process")``: worker processes for Python-heavy functions.
+
+Workers start (fork by default) before any thread of the pipeline does. They receive sample
+indices and read from the source themselves when the map follows the source directly, so the
+dataset never travels; results come back through a per-worker shared-memory arena (one copy),
+falling back to the pipe only for results larger than the arena. Per-item IPC is amortised by
+sending chunks sized to about 5 ms of work.
+
+Threads: the feeder thread calls ``submit``/``flush``; one collector thread receives results and
+watches the workers' sentinels; ``close`` is called from the consumer's thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import itertools
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import pickle
+import signal
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+import torch
+
+from slipstream._core import shm
+from slipstream._core.errors import ArgumentError, WorkerDiedError
+from slipstream._core.stats import Meter, now
+from slipstream.data._node import POLL_S, Ctx, Item
+from slipstream.data._parallel import Done, Err, format_remote
+from slipstream.data._rng import call_with_sample
+from slipstream.data._source import RandomAccess
+from slipstream.data._tree import take
+
+_SLOTS = 2  # chunks in flight per worker: one being computed, one queued
+_TARGET_CHUNK_S = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessOptions:
+    """How process workers are started and fed."""
+
+    start_method: str
+    shm_bytes: int = 32 << 20
+    threads: int = 1
+    chunk: int | None = None
+
+
+class _RemoteTraceback(Exception):
+    def __str__(self) -> str:
+        return f"\n\nthe error happened in a worker process:\n{self.args[0]}"
+
+
+class _Pickler(pickle.Pickler):
+    """Sends CPU tensors as numpy arrays, so their bytes go out of band (into shared memory)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is torch.Tensor and obj.layout == torch.strided and obj.device.type == "cpu":
+            try:
+                return torch.from_numpy, (obj.detach().contiguous().numpy(),)
+            except (TypeError, RuntimeError):  # dtypes numpy lacks (bfloat16)
+                return NotImplemented
+        return NotImplemented
+
+
+def _encode(outs: list[Any], arena: memoryview | None, lo: int, hi: int) -> tuple[bytes, Any]:
+    buffers: list[pickle.PickleBuffer] = []
+    f = io.BytesIO()
+    _Pickler(f, protocol=5, buffer_callback=buffers.append).dump(outs)
+    raws = [b.raw() for b in buffers]
+    if arena is not None and sum(r.nbytes for r in raws) <= hi - lo:
+        layout = []
+        for r in raws:
+            arena[lo : lo + r.nbytes] = r
+            layout.append((lo, r.nbytes))
+            lo += r.nbytes
+        return f.getvalue(), layout
+    f = io.BytesIO()
+    _Pickler(f, protocol=5).dump(outs)  # in band: the arena is too small for this chunk
+    return f.getvalue(), None
+
+
+def _die_with_parent(parent: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _run_chunk(
+    msg: tuple[Any, ...], source: RandomAccess | None, fn: Callable[[Any], Any], stage: int
+) -> list[Any]:
+    _, _, seed, epoch, keys, values = msg
+    if values is None:
+        assert source is not None
+        try:
+            batch = source.read(np.asarray(keys, dtype=np.int64))
+            values = [take(batch, j) for j in range(len(keys))]
+        except Exception as e:
+            return [_err(e)] * len(keys)
+    outs: list[Any] = []
+    for key, value in zip(keys, values, strict=True):
+        try:
+            outs.append(("v", call_with_sample(fn, value, seed, epoch, stage, key)))
+        except Exception as e:
+            outs.append(_err(e))
+    return outs
+
+
+def _err(e: Exception) -> tuple[str, Any, str]:
+    try:
+        picklable: Any = pickle.loads(pickle.dumps(e))
+    except Exception:
+        picklable = None
+    return ("e", picklable or RuntimeError(f"{type(e).__name__}: {e}"), format_remote(e))
+
+
+def _worker_main(
+    parent: int,
+    inbox: mpc.Connection,
+    outbox: mpc.Connection,
+    arena_name: str | None,
+    arena_bytes: int,
+    source: RandomAccess | None,
+    fn: Callable[[Any], Any],
+    stage: int,
+    threads: int,
+) -> None:
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides how to stop
+    torch.set_num_threads(threads)
+    arena = (
+        None
+        if arena_name is None
+        else memoryview(shm.attach(arena_name, arena_bytes, writable=True))
+    )
+    slot_bytes = arena_bytes // _SLOTS
+    while True:
+        try:
+            msg = inbox.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        t0 = now()
+        outs = _run_chunk(msg, source, fn, stage)
+        task, slot = msg[0], msg[1]
+        meta, layout = _encode(outs, arena, slot * slot_bytes, (slot + 1) * slot_bytes)
+        outbox.send((task, now() - t0, meta, layout))
+
+
+@dataclass(slots=True)
+class _Worker:
+    index: int
+    proc: Any
+    inbox: mpc.Connection
+    outbox: mpc.Connection
+    arena: SharedMemory | None
+    free: list[int]
+    tasks: dict[int, tuple[int, list[tuple[int, Item]]]]  # task -> (arena slot, entries)
+
+
+class ProcessPool:
+    """``workers`` processes running ``fn``; see the module docstring for who does what."""
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[Any], Any],
+        stage: int,
+        ctx: Ctx,
+        done: Done,
+        meter: Meter,
+        workers: int,
+        source: RandomAccess | None,
+        opts: ProcessOptions,
+    ) -> None:
+        self.name, self._done, self._meter, self._opts = name, done, meter, opts
+        self._owner = contextlib.ExitStack()
+        self._cond = threading.Condition()
+        self._pending: list[tuple[int, Item]] = []
+        self._task_ids = itertools.count()
+        self._closing = False
+        self._failure: BaseException | None = None
+        self._warned_inband = False
+        self._chunk = opts.chunk or 1
+        self._ctx = ctx
+        fork = opts.start_method == "fork"
+        shared = None if source is None else source.for_workers(self._owner, fork=fork)
+        arena = self._arena_bytes(workers)
+        try:
+            self._workers = [self._spawn(i, fn, stage, shared, arena) for i in range(workers)]
+        except BaseException:
+            self.close()
+            raise
+        self._collector = threading.Thread(
+            target=self._collect, name=f"slipstream-{name}-collector", daemon=True
+        )
+        self._collector.start()
+
+    def _arena_bytes(self, workers: int) -> int:
+        free = shm.shm_free_bytes()
+        if free is None:
+            return 0
+        return min(self._opts.shm_bytes, free // (2 * workers)) // 4096 * 4096
+
+    def _spawn(
+        self, i: int, fn: Callable[[Any], Any], stage: int, src: RandomAccess | None, arena: int
+    ) -> _Worker:
+        ctx = mp.get_context(self._opts.start_method)
+        block = None
+        if arena > 0:
+            block = shm.create(arena, what=f"stage '{self.name}' worker {i}")
+            self._owner.callback(shm.release, block)
+        inbox_r, inbox_w = ctx.Pipe(duplex=False)
+        outbox_r, outbox_w = ctx.Pipe(duplex=False)
+        args = (os.getpid(), inbox_r, outbox_w, block and block.name, arena, src, fn, stage)
+        proc = ctx.Process(  # type: ignore[attr-defined]
+            target=_worker_main,
+            args=(*args, self._opts.threads),
+            name=f"slipstream-{self.name}-{i}",
+            daemon=True,
+        )
+        try:
+            proc.start()
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise ArgumentError(
+                f"stage '{self.name}': with start_method='{self._opts.start_method}' the function "
+                f"and source must pickle ({e}); define the function at module level, or use "
+                "start_method='fork' or mode='thread'"
+            ) from e
+        inbox_r.close()
+        outbox_w.close()
+        return _Worker(i, proc, inbox_w, outbox_r, block, list(range(_SLOTS)), {})
+
+    def submit(self, seq: int, item: Item) -> None:
+        self._pending.append((seq, item))
+        if len(self._pending) >= self._chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the pending items as one chunk to the least loaded worker with a free slot."""
+        if not self._pending:
+            return
+        entries, self._pending = self._pending, []
+        with self._cond:
+            while (w := self._free_worker()) is None:
+                if self._closing or self._failure is not None:
+                    return
+                self._cond.wait(POLL_S)
+            slot = w.free.pop()
+            task = next(self._task_ids)
+            w.tasks[task] = (slot, entries)
+        keys = [it.key for _, it in entries]
+        values = (
+            None if all(it.value is None for _, it in entries) else [it.value for _, it in entries]
+        )
+        with contextlib.suppress(OSError):  # a dead worker is reported by the collector
+            w.inbox.send((task, slot, self._ctx.seed, self._ctx.epoch, keys, values))
+
+    def _free_worker(self) -> _Worker | None:
+        free = [w for w in self._workers if w.free]
+        return min(free, key=lambda w: len(w.tasks)) if free else None
+
+    def _collect(self) -> None:
+        by_conn = {w.outbox: w for w in self._workers}
+        by_sentinel = {w.proc.sentinel: w for w in self._workers}
+        while not self._closing:
+            ready = mpc.wait([*by_conn, *by_sentinel], timeout=POLL_S)
+            for r in ready:
+                if r in by_conn:
+                    with contextlib.suppress(EOFError, OSError):
+                        self._receive(by_conn[r], by_conn[r].outbox.recv())
+            dead = [by_sentinel[r] for r in ready if r in by_sentinel]
+            if dead and not self._closing:
+                self._died(dead[0])
+                return
+
+    def _receive(self, w: _Worker, msg: tuple[int, float, bytes, Any]) -> None:
+        task, busy, meta, layout = msg
+        with self._cond:
+            slot, entries = w.tasks.pop(task)
+        if layout is None:
+            self._warn_inband()
+            buffers: list[bytearray] = []
+        else:
+            assert w.arena is not None and w.arena.buf is not None
+            buffers = [bytearray(w.arena.buf[o : o + n]) for o, n in layout]
+        outs = pickle.loads(meta, buffers=buffers)
+        with self._cond:
+            w.free.append(slot)
+            self._cond.notify_all()
+        self._meter.busy += busy
+        if self._opts.chunk is None:
+            self._chunk = max(1, min(64, round(_TARGET_CHUNK_S * len(entries) / max(busy, 1e-6))))
+        for (seq, item), out in zip(entries, outs, strict=True):
+            self._done(seq, item, out[1] if out[0] == "v" else _remote_err(out))
+
+    def _warn_inband(self) -> None:
+        if not self._warned_inband:
+            self._warned_inband = True
+            warnings.warn(
+                f"stage '{self.name}': results larger than the shared-memory arena "
+                f"({self._opts.shm_bytes >> 20} MiB per worker) are sent through pipes, which is "
+                "slower; raise shm_bytes= or make chunks smaller",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+
+    def _died(self, w: _Worker) -> None:
+        w.proc.join(1.0)
+        code = w.proc.exitcode
+        how = (
+            f"was killed by {signal.Signals(-code).name}"
+            if code is not None and code < 0
+            else f"exited with code {code}"
+        )
+        with self._cond:
+            keys = [it.key for _, entries in w.tasks.values() for _, it in entries]
+            self._failure = WorkerDiedError(
+                f"stage '{self.name}': worker {w.index} (pid {w.proc.pid}) {how} while processing "
+                f"samples {keys or '(none)'}; the pipeline stopped. A segfault or the OOM killer "
+                "are the usual causes; mode='thread' shows a Python traceback instead"
+            )
+            self._cond.notify_all()
+
+    def failure(self) -> BaseException | None:
+        return self._failure
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        for w in getattr(self, "_workers", []):
+            with contextlib.suppress(BrokenPipeError, OSError):
+                w.inbox.send(None)
+        for w in getattr(self, "_workers", []):
+            _stop(w.proc)
+            w.inbox.close()
+            w.outbox.close()
+        collector = getattr(self, "_collector", None)
+        if collector is not None and collector is not threading.current_thread():
+            collector.join(5.0)
+        self._owner.close()
+
+
+def _stop(proc: Any) -> None:
+    proc.join(5.0)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(2.0)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(2.0)
+
+
+def _remote_err(out: tuple[str, Any, str]) -> Err:
+    _, exc, text = out
+    exc.__cause__ = _RemoteTraceback(text)
+    return Err(exc)
+
+
+def default_start_method() -> str:
+    """``fork`` where the platform has it (workers share the parent's pages), else ``spawn``."""
+    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"

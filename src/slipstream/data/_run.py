@@ -1,0 +1,194 @@
+"""One pass over a pipeline, and the pipeline's resumable state.
+
+The state is a few integers: ``(seed, epoch, origin, world, cursor)`` plus the indices a
+``map(errors="skip")`` stage dropped. ``origin`` is the global position where this epoch's
+rank slicing starts (0 unless the state was resumed on a different number of ranks).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from slipstream._core.errors import StateError
+from slipstream._core.stats import PipelineStats, StageStats, now
+from slipstream.data._node import Ctx, Cursor, Node
+from slipstream.data._parallel import ErrorPolicy, InlineMapNode, ParallelMapNode
+
+STATE_VERSION = 1
+_KEYS = {"version", "seed", "epoch", "origin", "world", "cursor", "skipped"}
+
+
+@dataclass(slots=True)
+class State:
+    """The mutable position of a pipeline, updated as the consumer receives items."""
+
+    seed: int = 0
+    epoch: int = 0
+    origin: int = 0
+    world: int = 1
+    cursor: Cursor = None
+    skipped: dict[int, list[int]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "origin": self.origin,
+            "world": self.world,
+            "cursor": self.cursor,
+            "skipped": {str(k): list(v) for k, v in self.skipped.items()},
+        }
+
+
+def parse_state(state: object, *, seed: int) -> State:
+    """Validate a state dict; every complaint names the key and what is allowed."""
+    if not isinstance(state, dict):
+        raise StateError(
+            f"a pipeline state must be a dict from state_dict(); got {type(state).__name__}"
+        )
+    if (keys := set(state)) != _KEYS:
+        raise StateError(
+            f"not a pipeline state: missing {sorted(_KEYS - keys)}, "
+            f"unexpected {sorted(keys - _KEYS)}"
+        )
+    if state["version"] != STATE_VERSION:
+        raise StateError(f"pipeline state version {state['version']!r} is not {STATE_VERSION}")
+    for key in ("seed", "epoch", "origin", "world"):
+        if not isinstance(state[key], int) or state[key] < (key == "world"):
+            raise StateError(
+                f"pipeline state: {key}={state[key]!r} must be an int ≥ {int(key == 'world')}"
+            )
+    if state["seed"] != seed:
+        raise StateError(
+            f"the state was saved by a pipeline with seed={state['seed']} but this one has "
+            f"seed={seed}; build the pipeline with the same seed to resume it"
+        )
+    skipped = state["skipped"]
+    if not isinstance(skipped, dict) or not all(isinstance(v, list) for v in skipped.values()):
+        raise StateError("pipeline state: skipped must map stage numbers to lists of indices")
+    return State(
+        state["seed"],
+        state["epoch"],
+        state["origin"],
+        state["world"],
+        state["cursor"],
+        {int(k): [int(i) for i in v] for k, v in skipped.items()},
+    )
+
+
+def _innermost(cursor: Cursor) -> tuple[Cursor, bool]:
+    """The source's cursor inside stage wrappers, and whether a wrapper was mid-way."""
+    if isinstance(cursor, list) and cursor[:1] == ["u"]:
+        inner, partial = _innermost(cursor[1])
+        return inner, partial or bool(cursor[2])
+    if isinstance(cursor, list):
+        inner, partial = _innermost(cursor[0])
+        return inner, partial or int(cursor[1]) != 0
+    return cursor, False
+
+
+def rebase(state: State, world: int, sharded_source: bool) -> State:
+    """Re-express ``state`` for ``world`` ranks: positions consumed become the new origin."""
+    if state.world == world:
+        return state
+    if sharded_source:
+        raise StateError(
+            f"this state was saved with world={state.world} and this pipeline runs with "
+            f"world={world}; a sharded sequential source (tar) resumes only on the same number "
+            "of ranks. Resume with the same world, or use a random-access source (parquet, npy)"
+        )
+    inner, partial = _innermost(state.cursor)
+    if partial:
+        warnings.warn(
+            "resuming on a different number of ranks from the middle of a batch or shuffle "
+            "window: that batch or window is read again",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    consumed = 0 if inner is None else int(inner)
+    return State(
+        state.seed, state.epoch, state.origin + consumed * state.world, world, None, state.skipped
+    )
+
+
+def policies(chain: list[Node]) -> dict[int, ErrorPolicy]:
+    """The error policies of the map stages, by stage number."""
+    maps = [n for n in chain if isinstance(n, InlineMapNode | ParallelMapNode)]
+    return {n.stage: n.policy for n in maps if n.stage >= 0}
+
+
+def add_stats(a: StageStats, b: StageStats) -> StageStats:
+    """Figures of two passes of the same stage, summed (queue depth from the later)."""
+    return StageStats(
+        b.name,
+        a.items + b.items,
+        a.busy_s + b.busy_s,
+        a.wait_input_s + b.wait_input_s,
+        a.wait_output_s + b.wait_output_s,
+        b.queue_depth,
+        b.queue_capacity,
+        b.workers,
+        b.skipped,
+    )
+
+
+class Run:
+    """One pass: owns the node chain; updates the shared :class:`State` per item delivered."""
+
+    def __init__(self, head: Node, state: State, ctx: Ctx, on_close: Any) -> None:
+        self.head, self.state, self._on_close = head, state, on_close
+        self.items, self.stall, self.started = 0, 0.0, now()
+        self.closed = False
+        self.ended = False
+        head.start(ctx, state.cursor)
+
+    def next(self) -> Any:
+        if self.closed:
+            raise StopIteration
+        t0 = now()
+        try:
+            item = self.head.next()
+        except StopIteration:
+            self.ended = True
+            self.close()
+            raise
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self.stall += now() - t0
+        self.state.cursor = item.cursor
+        self.items += 1
+        return item.value
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.head.close()
+            self._on_close(self)
+
+
+class PipelineIterator:
+    """Iterates one pass; leaving the loop early or dropping it shuts the pass down."""
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+
+    def __iter__(self) -> PipelineIterator:
+        return self
+
+    def __next__(self) -> Any:
+        return self._run.next()
+
+    def close(self) -> None:
+        self._run.close()
+
+    def __del__(self) -> None:
+        self._run.close()
+
+
+def empty_stats() -> PipelineStats:
+    return PipelineStats((), 0, 0.0, 0.0)

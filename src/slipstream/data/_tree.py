@@ -1,0 +1,111 @@
+"""Nested samples: dicts, tuples and lists of arrays, tensors, numbers and objects.
+
+A *batch* is the collated form of a list of samples: the same structure with each leaf stacked
+(numpy arrays and numbers into one array, tensors into one tensor, other objects into a list).
+Random-access sources read batches directly in this form, so a batch gathered in one vectorised
+read equals the collation of the samples read one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from slipstream._core.errors import ArgumentError
+
+Collate = Callable[[list[Any]], Any]
+
+
+def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """Apply ``fn`` to every leaf of ``tree`` (dicts, tuples and lists are structure)."""
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, tuple | list):
+        return type(tree)(tree_map(fn, v) for v in tree)
+    return fn(tree)
+
+
+def _stack_leaf(items: list[Any]) -> Any:
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(items)
+    if isinstance(first, np.ndarray | np.generic | bool | int | float | complex):
+        return np.stack(items) if isinstance(first, np.ndarray) else np.asarray(items)
+    return list(items)
+
+
+def collate(samples: Sequence[Any]) -> Any:
+    """Stack a list of samples of one structure into a batch.
+
+    >>> collate([{"x": np.zeros(2), "y": 1}, {"x": np.ones(2), "y": 0}])["y"]
+    array([1, 0])
+    """
+    first = samples[0]
+    if isinstance(first, dict):
+        keys = first.keys()
+        for s in samples:
+            if not isinstance(s, dict) or s.keys() != keys:
+                got = sorted(s.keys()) if isinstance(s, dict) else type(s).__name__
+                raise ArgumentError(
+                    f"batch: samples differ in structure: {sorted(keys)} and {got}; "
+                    "pass collate= to batch samples of varying structure"
+                )
+        return {k: collate([s[k] for s in samples]) for k in keys}
+    if isinstance(first, tuple | list):
+        if any(len(s) != len(first) for s in samples):
+            raise ArgumentError(
+                "batch: sequence samples differ in length; pass collate= for ragged data"
+            )
+        return type(first)(collate(list(col)) for col in zip(*samples, strict=True))
+    try:
+        return _stack_leaf(list(samples))
+    except (RuntimeError, ValueError) as e:  # shapes differ
+        raise ArgumentError(
+            f"batch: cannot stack leaves of different shapes ({e}); pass collate= for ragged data"
+        ) from e
+
+
+def batch_len(batch: Any) -> int:
+    """Number of samples in a collated batch (the length of its first leaf)."""
+    while isinstance(batch, dict | tuple | list) and not _is_leaf_list(batch):
+        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return len(batch)
+
+
+def _is_leaf_list(x: Any) -> bool:
+    return isinstance(x, list) and (not x or not isinstance(x[0], dict | tuple | list))
+
+
+def take(batch: Any, k: int) -> Any:
+    """Sample ``k`` of a collated batch."""
+    if isinstance(batch, dict):
+        return {key: take(v, k) for key, v in batch.items()}
+    if isinstance(batch, tuple) or (isinstance(batch, list) and not _is_leaf_list(batch)):
+        return type(batch)(take(v, k) for v in batch)
+    return batch[k]
+
+
+def uncollate(batch: Any) -> list[Any]:
+    """Split a collated batch into its samples (the inverse of :func:`collate`)."""
+    return [take(batch, k) for k in range(batch_len(batch))]
+
+
+def gather(batch: Any, indices: np.ndarray) -> Any:
+    """Rows ``indices`` of every leaf, as one batch (a vectorised read)."""
+
+    def rows(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            return leaf[torch.from_numpy(indices)]
+        if isinstance(leaf, np.ndarray):
+            picked = leaf[indices]
+            return picked.tolist() if picked.dtype == object else picked
+        return [leaf[i] for i in indices]
+
+    if isinstance(batch, dict):
+        return {k: gather(v, indices) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(gather(v, indices) for v in batch)
+    return rows(batch)

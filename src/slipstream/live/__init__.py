@@ -1,0 +1,1 @@
+"""Event sinks, the dashboard, the weight store and serving (issue: real-time training)."""

@@ -1,0 +1,1 @@
+"""The training loop, strategies, backends, callbacks and checkpoints (issue: one training loop)."""

@@ -1,0 +1,1 @@
+"""The acceleration advisor: probes, search and report (issue: the advisor)."""

@@ -1,0 +1,1 @@
+"""Built-in workloads: models and data used by the CLI, the demo and the benchmarks."""
