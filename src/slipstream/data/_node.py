@@ -11,8 +11,9 @@ and ``_next``.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,30 @@ Cursor = Any  # JSON-able: None (start of the epoch), ints, and lists of cursors
 
 # How often a waiting consumer wakes to check its deadline and its producer's health.
 POLL_S = 0.1
+# How long closing waits, in all, for threads still inside user code or a blocking read.
+CLOSE_S = 2.0
+
+
+def join_all(threads: Iterable[threading.Thread], what: str, timeout: float = CLOSE_S) -> None:
+    """Join ``threads`` within one shared deadline; warn about any left running.
+
+    A thread blocked in a user function or a hung read cannot be stopped from outside; it is a
+    daemon thread and ends when that call returns.
+    """
+    deadline = now() + timeout
+    stuck = []
+    for t in threads:
+        if t is not threading.current_thread():
+            t.join(max(0.0, deadline - now()))
+            if t.is_alive():
+                stuck.append(t.name)
+    if stuck:
+        warnings.warn(
+            f"{what}: {len(stuck)} thread(s) still inside a user function or a blocking read "
+            f"after close ({', '.join(stuck)}); they end when that call returns",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,8 +256,7 @@ class Pump:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self) -> None:
         """Close the channel and wait for the thread; a thread stuck in user code is left."""
         self.channel.close()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        join_all([self._thread], f"closing {self._thread.name}")

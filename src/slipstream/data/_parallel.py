@@ -23,7 +23,7 @@ from slipstream._core.errors import (
     TooManySkippedError,
 )
 from slipstream._core.stats import Meter, now
-from slipstream.data._node import POLL_S, Ctx, Cursor, Item, Node
+from slipstream.data._node import CLOSE_S, POLL_S, Ctx, Cursor, Item, Node, join_all
 from slipstream.data._rng import acall_with_sample, call_with_sample
 
 Errors = Literal["raise", "skip"]
@@ -184,8 +184,7 @@ class ThreadPool:
     def close(self) -> None:
         for _ in self._threads:
             self._q.put(None)
-        for t in self._threads:
-            t.join(10.0)
+        join_all(self._threads, "closing a thread map")
 
 
 class AsyncPool:
@@ -241,9 +240,9 @@ class AsyncPool:
                 await self._on_close()
 
         if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10.0)
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(CLOSE_S)
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10.0)
+            join_all([self._thread], "closing an async map")
         self._loop.close()
 
 
@@ -427,7 +426,7 @@ class ParallelMapNode(Node):
         if self.upstream is not None:
             self.upstream.close()  # unblocks a feeder waiting on upstream
         if self._feeder is not None:
-            self._feeder.join(10.0)
+            join_all([self._feeder], f"closing stage '{self.name}'")
             self._feeder = None
         if self._pool is not None:
             self._pool.close()

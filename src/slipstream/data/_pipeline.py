@@ -23,6 +23,7 @@ from slipstream.data._run import (
     policies,
     rebase,
 )
+from slipstream.data._sequential import IterableSource
 from slipstream.data._source import RandomAccess, Sequential
 from slipstream.data._sourcenode import OrderSpec
 from slipstream.data._specs import (
@@ -238,7 +239,9 @@ class Pipeline:
             policy.load(state.skipped.get(stage, []))
         self._last_chain = chain
         ctx = Ctx(state.seed, state.epoch, state.origin, self._stall_timeout)
-        run = Run(head, state, ctx, self._finished)
+        # Streams deliver each item as it comes; a finite source looks one item ahead.
+        lookahead = not isinstance(self.source, IterableSource)
+        run = Run(head, state, ctx, self._finished, lookahead)
         self._run = weakref.ref(run)
         return PipelineIterator(run)
 
@@ -284,7 +287,11 @@ class Pipeline:
         return self._state.epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the consumer is: a few integers, O(1) in the dataset size."""
+        """Where the consumer is: a few integers, O(1) in the dataset size.
+
+        Taken after an epoch's last item, it points at the start of the next epoch (read
+        ``pipe.epoch`` after loading it to know which epoch a resumed loop is in).
+        """
         run = self._run() if self._run is not None else None
         if run is not None and not run.closed:
             for stage, policy in policies(run.head.chain()).items():

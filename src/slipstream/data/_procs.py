@@ -34,7 +34,7 @@ import torch
 from slipstream._core import shm
 from slipstream._core.errors import ArgumentError, WorkerDiedError
 from slipstream._core.stats import Meter, now
-from slipstream.data._node import POLL_S, Ctx, Item
+from slipstream.data._node import CLOSE_S, POLL_S, Ctx, Item
 from slipstream.data._parallel import Done, Err, format_remote
 from slipstream.data._rng import call_with_sample
 from slipstream.data._source import RandomAccess
@@ -348,12 +348,12 @@ class ProcessPool:
             w.outbox.close()
         collector = getattr(self, "_collector", None)
         if collector is not None and collector is not threading.current_thread():
-            collector.join(5.0)
+            collector.join(CLOSE_S)
         self._owner.close()
 
 
 def _stop(proc: Any) -> None:
-    proc.join(5.0)
+    proc.join(CLOSE_S)  # asked to stop; a worker busy in a long call is terminated
     if proc.is_alive():
         proc.terminate()
         proc.join(2.0)

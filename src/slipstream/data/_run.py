@@ -13,7 +13,7 @@ from typing import Any
 
 from slipstream._core.errors import StateError
 from slipstream._core.stats import PipelineStats, StageStats, now
-from slipstream.data._node import Ctx, Cursor, Node
+from slipstream.data._node import Ctx, Cursor, Item, Node
 from slipstream.data._parallel import ErrorPolicy, InlineMapNode, ParallelMapNode
 
 STATE_VERSION = 1
@@ -94,6 +94,8 @@ def rebase(state: State, world: int, sharded_source: bool) -> State:
     """Re-express ``state`` for ``world`` ranks: positions consumed become the new origin."""
     if state.world == world:
         return state
+    if state.cursor is None and state.origin == 0:  # nothing consumed: valid for any world
+        return State(state.seed, state.epoch, 0, world, None, state.skipped)
     if sharded_source:
         raise StateError(
             f"this state was saved with world={state.world} and this pipeline runs with "
@@ -136,33 +138,52 @@ def add_stats(a: StageStats, b: StageStats) -> StageStats:
 
 
 class Run:
-    """One pass: owns the node chain; updates the shared :class:`State` per item delivered."""
+    """One pass: owns the node chain; updates the shared :class:`State` per item delivered.
 
-    def __init__(self, head: Node, state: State, ctx: Ctx, on_close: Any) -> None:
-        self.head, self.state, self._on_close = head, state, on_close
+    With ``lookahead`` the pass fetches one item ahead, so the epoch is known to be complete
+    when its last item is delivered (a consumer that stops after ``len(pipe)`` items, as
+    Lightning and Keras do, still ends the epoch). An error met while looking ahead is raised
+    at the next call, after the items before it were delivered.
+    """
+
+    def __init__(self, head: Node, state: State, ctx: Ctx, on_close: Any, lookahead: bool) -> None:
+        self.head, self.state, self._on_close, self.lookahead = head, state, on_close, lookahead
         self.items, self.stall, self.started = 0, 0.0, now()
         self.closed = False
         self.ended = False
+        self._ahead: Item | Exception | None = None
         head.start(ctx, state.cursor)
+
+    def _fetch(self) -> Item | Exception:
+        try:
+            return self.head.next()
+        except Exception as e:  # StopIteration included: kept until it is this item's turn
+            return e
 
     def next(self) -> Any:
         if self.closed:
             raise StopIteration
         t0 = now()
         try:
-            item = self.head.next()
-        except StopIteration:
-            self.ended = True
-            self.close()
-            raise
+            current = self._fetch() if self._ahead is None else self._ahead
+            self._ahead = None
+            if isinstance(current, Exception):
+                self.ended = isinstance(current, StopIteration)
+                self.close()
+                raise current
+            if self.lookahead:
+                self._ahead = self._fetch()
         except BaseException:
             self.close()
             raise
         finally:
             self.stall += now() - t0
-        self.state.cursor = item.cursor
+        self.state.cursor = current.cursor
         self.items += 1
-        return item.value
+        if isinstance(self._ahead, StopIteration):
+            self.ended = True
+            self.close()
+        return current.value
 
     def close(self) -> None:
         if not self.closed:

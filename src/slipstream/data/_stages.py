@@ -98,7 +98,7 @@ class UnbatchNode(Node):
             keys = item.keys or [item.key + j for j in range(len(samples))]
             last = len(samples) - 1
             for j in range(self._skip, len(samples)):
-                cursor = item.cursor if j == last else [self._prev, j + 1]
+                cursor = [item.cursor, 0] if j == last else [self._prev, j + 1]
                 self._buf.append(Item(samples[j], cursor, keys[j]))
             self._prev, self._skip = item.cursor, 0
         return self._buf.popleft()
