@@ -34,11 +34,15 @@ def shm_free_bytes() -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def create(nbytes: int, *, what: str) -> shared_memory.SharedMemory:
-    """A new block of ``nbytes``, fully reserved; the caller owns it and must ``unlink`` it."""
+def create(nbytes: int, *, what: str, reserve: bool = True) -> shared_memory.SharedMemory:
+    """A new block of ``nbytes``; the caller owns it and must ``release`` it.
+
+    With ``reserve`` every page is allocated now (a full /dev/shm is an error here, not a
+    SIGBUS later); without it the user of the block reserves what it writes.
+    """
     name = f"ss_{os.getpid()}_{secrets.token_hex(4)}"
     block = shared_memory.SharedMemory(name=name, create=True, size=max(1, nbytes))
-    if hasattr(os, "posix_fallocate") and os.path.isdir(_SHM_DIR):
+    if reserve and hasattr(os, "posix_fallocate") and os.path.isdir(_SHM_DIR):
         try:
             fd = os.open(os.path.join(_SHM_DIR, name), os.O_RDWR)
             try:
@@ -59,8 +63,10 @@ def create(nbytes: int, *, what: str) -> shared_memory.SharedMemory:
 
 def release(block: shared_memory.SharedMemory) -> None:
     """Close and unlink a block this process created; safe to call twice."""
-    with contextlib.suppress(BufferError):  # a view is still alive; unlink still frees the name
+    try:
         block.close()
+    except BufferError:  # arrays still view it: they keep the mapping until they are dropped
+        block._buf = block._mmap = None  # type: ignore[attr-defined]
     with contextlib.suppress(FileNotFoundError):
         block.unlink()
 

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import numpy as np
+
 from slipstream._core.errors import (
     LifecycleError,
     SourceError,
@@ -25,6 +27,7 @@ from slipstream._core.errors import (
 from slipstream._core.stats import Meter, now
 from slipstream.data._node import CLOSE_S, POLL_S, Ctx, Cursor, Item, Node, join_all
 from slipstream.data._rng import acall_with_sample, call_with_sample
+from slipstream.data._tree import Alloc, collate, take, uncollate
 
 Errors = Literal["raise", "skip"]
 Work = Callable[[Item], Any]  # what a pool runs per item; returns the new value
@@ -33,10 +36,10 @@ Done = Callable[[int, Item, Any], None]  # (sequence number, item, value or _Err
 
 @dataclass(frozen=True, slots=True)
 class Err:
-    """A failed item: the exception, or its formatted traceback when it came from a process."""
+    """A failed item: the exception, and the index of the sample that raised it."""
 
     exc: BaseException
-    where: str = ""
+    key: int | None = None
 
 
 SKIP = object()  # outcome of an item dropped without running (known bad sample)
@@ -64,11 +67,11 @@ class ErrorPolicy:
         if isinstance(err.exc, SourceError):
             raise err.exc
         if self.errors == "raise":
+            key = item.key if err.key is None else err.key
             raise StageError(
-                f"stage '{self.stage}' failed on sample {item.key}: "
-                f"{type(err.exc).__name__}: {err.exc}{err.where}",
+                f"stage '{self.stage}' failed on sample {key}: {type(err.exc).__name__}: {err.exc}",
                 stage=self.stage,
-                index=item.key,
+                index=key,
             ) from err.exc
         self.skip(item.key)
 
@@ -87,6 +90,61 @@ class ErrorPolicy:
                 f"stage '{self.stage}' skipped {count} samples, more than max_skipped={limit} "
                 f"(after {self.seen} seen); the first were {self.meter.skipped[:10]}"
             )
+
+
+Unit = tuple[Any, int, "list[int] | None"]  # (value, key, keys): what a worker receives
+
+
+@dataclass(frozen=True, slots=True)
+class MapWork:
+    """What a worker does with units: map each sample, or (``collate`` set) map every sample of
+    a group and collate the results into one batch, so a map followed by batch hands over
+    whole batches. With a ``source``, units arrive unread and are read by their keys first.
+
+    Shared by thread pools and process workers (it pickles when the function does).
+    """
+
+    fn: Callable[[Any], Any]
+    stage: int
+    collate: Callable[[list[Any]], Any] | None = None
+    source: Any = None
+
+    def run_many(
+        self, units: list[Unit], seed: int, epoch: int, alloc: Alloc | None = None
+    ) -> list[Any]:
+        """The result (or :class:`Err`) of each unit; ``alloc`` places default-collated arrays."""
+        if self.collate is None and self.source is not None and units:
+            try:  # one vectorised read for the whole chunk
+                batch = self.source.read(np.asarray([u[1] for u in units], dtype=np.int64))
+            except Exception as e:
+                return [Err(e, units[0][1])] * len(units)
+            units = [(take(batch, j), u[1], u[2]) for j, u in enumerate(units)]
+        return [self.run(u, seed, epoch, alloc) for u in units]
+
+    def run(self, unit: Unit, seed: int, epoch: int, alloc: Alloc | None = None) -> Any:
+        value, key, keys = unit
+        if self.collate is None:
+            try:
+                return call_with_sample(self.fn, value, seed, epoch, self.stage, key)
+            except Exception as e:
+                return Err(e, key)
+        keys = keys or [key]
+        try:
+            values = value if self.source is None else uncollate(self.source.read(np.asarray(keys)))
+        except Exception as e:
+            return Err(e, key)
+        out = []
+        for v, k in zip(values, keys, strict=True):
+            try:
+                out.append(call_with_sample(self.fn, v, seed, epoch, self.stage, k))
+            except Exception as e:
+                return Err(e, k)
+        try:
+            if alloc is not None and self.collate is collate:
+                return collate(out, alloc)  # stacked straight into shared memory
+            return self.collate(out)
+        except Exception as e:
+            return Err(e, key)
 
 
 def run_item(fn: Callable[[Any], Any], item: Item, ctx: Ctx, stage: int) -> Any:

@@ -108,7 +108,7 @@ class Pipeline:
         name: str | None = None,
         start_method: str | None = None,
         threads: int = 1,
-        shm_bytes: int = 32 << 20,
+        shm_bytes: int = 64 << 20,
         chunk: int | None = None,
     ) -> Pipeline:
         """Apply ``fn`` to every sample, in parallel.
@@ -306,7 +306,11 @@ class Pipeline:
         self._state = parsed
 
     def stats(self) -> PipelineStats:
-        """Where the time went, stage by stage, since the pipeline was built."""
+        """Where the time went, stage by stage, since the pipeline was built.
+
+        A ``map`` followed by ``batch`` runs as one task per batch (workers map and collate):
+        it shows as the batch's grouping followed by the map, which then counts batches.
+        """
         run = self._run() if self._run is not None else None
         items, elapsed, stall = self._consumer
         if run is None or run.closed:

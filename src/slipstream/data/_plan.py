@@ -21,12 +21,12 @@ from slipstream.data._parallel import (
     AsyncPool,
     ErrorPolicy,
     InlineMapNode,
+    MapWork,
     ParallelMapNode,
     Pool,
     PoolFactory,
     ThreadPool,
     arun_item,
-    run_item,
 )
 from slipstream.data._procs import ProcessOptions, ProcessPool, default_start_method
 from slipstream.data._source import RandomAccess, Sequential
@@ -49,6 +49,7 @@ from slipstream.data._stages import (
     UnbatchNode,
     WindowShuffleNode,
 )
+from slipstream.data._tree import collate
 
 _ELEMENT_UNIT = 64  # samples per vectorised read when samples flow one by one
 _PARQUET_WINDOW_BLOCKS = 8  # default shuffle window of block sources, in blocks
@@ -84,10 +85,24 @@ def order_of(source: Any, specs: list[Spec], order: OrderSpec) -> tuple[OrderSpe
 def build(source: Any, specs: list[Spec], order: OrderSpec, timeout: float | None) -> Node:
     """The node chain for one pass; ``specs`` are in the order the user chained them."""
     order, specs = order_of(source, specs, order)
-    node, used = _source_node(source, specs, order, timeout)
-    for stage in range(used, len(specs)):
-        node = _stage_node(node, specs[stage], stage, order)
+    node, i = _source_node(source, specs, order, timeout)
+    while i < len(specs):
+        node, i = _stage(node, specs, i)
     return node
+
+
+def _fused_batch(specs: list[Spec], i: int) -> BatchSpec | None:
+    """The batch that directly follows map ``i`` when the two can run as one task per batch.
+
+    Workers then map every sample of a batch and collate it themselves: one hand-over per batch
+    instead of per sample, and collation in parallel. Skipping errors changes batch contents,
+    so only ``errors="raise"`` maps fuse.
+    """
+    spec, after = specs[i], specs[i + 1] if i + 1 < len(specs) else None
+    fusable = isinstance(spec, MapSpec) and spec.errors == "raise" and spec.workers > 0
+    if fusable and isinstance(after, BatchSpec) and spec.mode in ("thread", "process"):  # type: ignore[union-attr]
+        return after
+    return None
 
 
 def _source_node(
@@ -95,20 +110,25 @@ def _source_node(
 ) -> tuple[Node, int]:
     first = specs[0] if specs else None
     if isinstance(source, Sequential):
-        node: Node = SequentialSourceNode(source, order, timeout=timeout)
-        return node, 0
+        return SequentialSourceNode(source, order, timeout=timeout), 0
     if (
         isinstance(first, BatchSpec)
         and first.collate is None
         and not isinstance(source, FilesSource)
     ):
-        unit = first.size
-        return RandomSourceNode(
-            source, order, unit=unit, emit="batches", drop_last=first.drop_last, timeout=timeout
-        ), 1
-    if isinstance(first, MapSpec) and first.mode == "process":
+        node = RandomSourceNode(
+            source,
+            order,
+            unit=first.size,
+            emit="batches",
+            drop_last=first.drop_last,
+            timeout=timeout,
+        )
+        return node, 1
+    if isinstance(first, MapSpec) and first.mode == "process":  # workers read for themselves
         node = RandomSourceNode(source, order, unit=_ELEMENT_UNIT, emit="indices")
-        return _map_node(node, first, 0, source), 1
+        batch = _fused_batch(specs, 0)
+        return _map_node(node, first, 0, source, batch), 2 if batch else 1
     if isinstance(source, FilesSource):
         node = RandomSourceNode(source, order, unit=_ELEMENT_UNIT, emit="indices")
         return _files_node(node, source), 0
@@ -131,55 +151,69 @@ def _files_node(upstream: Node, source: FilesSource) -> Node:
 
 
 def _map_node(
-    upstream: Node, spec: MapSpec, stage: int, source: RandomAccess | None = None
+    upstream: Node,
+    spec: MapSpec,
+    stage: int,
+    source: RandomAccess | None = None,
+    batch: BatchSpec | None = None,
 ) -> Node:
     policy = ErrorPolicy(spec.name, spec.errors, spec.max_skipped, Meter(""))
     if spec.mode == "thread" and spec.workers == 0:
         inline = InlineMapNode(upstream, spec.fn, stage, policy)
         policy.meter = inline.meter
         return inline
-    make = _pool_factory(spec, stage, source)
+    collate_fn = None
+    if batch is not None:
+        upstream = BatchNode(upstream, batch.size, batch.drop_last, list, f"batch({batch.size})")
+        collate_fn = batch.collate or collate
+    work = MapWork(spec.fn, stage, collate_fn, source)
+    make = _pool_factory(spec, work)
     workers = max(1, spec.workers)
-    node = ParallelMapNode(upstream, make, spec.window, spec.ordered, policy, workers, stage)
+    # fused: whole batches in flight, at least two per worker (as DataLoader's prefetch_factor)
+    window = spec.window if batch is None else max(2 * workers, -(-spec.window // batch.size))
+    node = ParallelMapNode(upstream, make, window, spec.ordered, policy, workers, stage)
     policy.meter = node.meter
     return node
 
 
-def _pool_factory(spec: MapSpec, stage: int, source: RandomAccess | None) -> PoolFactory:
-    fn = spec.fn
-
+def _pool_factory(spec: MapSpec, work: MapWork) -> PoolFactory:
     def make(ctx: Ctx, done: Any, meter: Meter) -> Pool:
         if spec.mode == "async":
 
-            async def work(item: Item) -> Any:
-                return await arun_item(fn, item, ctx, stage)
+            async def run(item: Item) -> Any:
+                return await arun_item(work.fn, item, ctx, work.stage)
 
-            return AsyncPool(spec.name, work, done, meter)
+            return AsyncPool(spec.name, run, done, meter)
         if spec.mode == "process":
             method = spec.start_method or default_start_method()
-            chunk = spec.chunk or None
-            opts = ProcessOptions(method, spec.shm_bytes, spec.threads, chunk)
-            return ProcessPool(spec.name, fn, stage, ctx, done, meter, spec.workers, source, opts)
-        return ThreadPool(
-            spec.name, lambda item: run_item(fn, item, ctx, stage), spec.workers, done, meter
-        )
+            opts = ProcessOptions(method, spec.shm_bytes, spec.threads, spec.chunk)
+            return ProcessPool(spec.name, work, ctx, done, meter, spec.workers, opts)
+
+        def run_one(item: Item) -> Any:
+            return work.run((item.value, item.key, item.keys), ctx.seed, ctx.epoch)
+
+        return ThreadPool(spec.name, run_one, spec.workers, done, meter)
 
     return make
 
 
-def _stage_node(node: Node, spec: Spec, stage: int, order: OrderSpec) -> Node:
+def _stage(node: Node, specs: list[Spec], i: int) -> tuple[Node, int]:
+    spec = specs[i]
     if isinstance(spec, MapSpec):
-        return _map_node(node, spec, stage)
+        batch = _fused_batch(specs, i)
+        return _map_node(node, spec, i, None, batch), i + (2 if batch else 1)
     if isinstance(spec, FilterSpec):
-        return FilterNode(node, spec.predicate, spec.name)
+        return FilterNode(node, spec.predicate, spec.name), i + 1
     if isinstance(spec, BatchSpec):
-        return BatchNode(node, spec.size, spec.drop_last, spec.collate, f"batch({spec.size})")
+        return BatchNode(
+            node, spec.size, spec.drop_last, spec.collate, f"batch({spec.size})"
+        ), i + 1
     if isinstance(spec, UnbatchSpec):
-        return UnbatchNode("unbatch", node)
+        return UnbatchNode("unbatch", node), i + 1
     if isinstance(spec, ShuffleSpec):
         window = positive_int("window", spec.window or _SEQ_WINDOW)
-        return WindowShuffleNode(node, window, spec.seed, f"shuffle(window={window})")
+        return WindowShuffleNode(node, window, spec.seed, f"shuffle(window={window})"), i + 1
     if isinstance(spec, PrefetchSpec):
-        return PrefetchNode(node, spec.size, f"prefetch({spec.size})")
+        return PrefetchNode(node, spec.size, f"prefetch({spec.size})"), i + 1
     assert isinstance(spec, ToDeviceSpec)
-    return ToDeviceNode(node, spec.device, f"to_device({spec.device})")
+    return ToDeviceNode(node, spec.device, f"to_device({spec.device})"), i + 1

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import io
 import itertools
 import multiprocessing as mp
 import multiprocessing.connection as mpc
@@ -23,24 +22,18 @@ import pickle
 import signal
 import threading
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
-from multiprocessing.shared_memory import SharedMemory
+from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 
 from slipstream._core import shm
 from slipstream._core.errors import ArgumentError, WorkerDiedError
 from slipstream._core.stats import Meter, now
 from slipstream.data._node import CLOSE_S, POLL_S, Ctx, Item
-from slipstream.data._parallel import Done, Err, format_remote
-from slipstream.data._rng import call_with_sample
-from slipstream.data._source import RandomAccess
-from slipstream.data._tree import take
+from slipstream.data._parallel import Done, Err, MapWork, format_remote
+from slipstream.data._wire import SLOTS, ParentArena, WorkerArena, encode_inband
 
-_SLOTS = 2  # chunks in flight per worker: one being computed, one queued
 _TARGET_CHUNK_S = 0.005
 
 
@@ -49,7 +42,7 @@ class ProcessOptions:
     """How process workers are started and fed."""
 
     start_method: str
-    shm_bytes: int = 32 << 20
+    shm_bytes: int = 64 << 20
     threads: int = 1
     chunk: int | None = None
 
@@ -59,35 +52,6 @@ class _RemoteTraceback(Exception):
         return f"\n\nthe error happened in a worker process:\n{self.args[0]}"
 
 
-class _Pickler(pickle.Pickler):
-    """Sends CPU tensors as numpy arrays, so their bytes go out of band (into shared memory)."""
-
-    def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is torch.Tensor and obj.layout == torch.strided and obj.device.type == "cpu":
-            try:
-                return torch.from_numpy, (obj.detach().contiguous().numpy(),)
-            except (TypeError, RuntimeError):  # dtypes numpy lacks (bfloat16)
-                return NotImplemented
-        return NotImplemented
-
-
-def _encode(outs: list[Any], arena: memoryview | None, lo: int, hi: int) -> tuple[bytes, Any]:
-    buffers: list[pickle.PickleBuffer] = []
-    f = io.BytesIO()
-    _Pickler(f, protocol=5, buffer_callback=buffers.append).dump(outs)
-    raws = [b.raw() for b in buffers]
-    if arena is not None and sum(r.nbytes for r in raws) <= hi - lo:
-        layout = []
-        for r in raws:
-            arena[lo : lo + r.nbytes] = r
-            layout.append((lo, r.nbytes))
-            lo += r.nbytes
-        return f.getvalue(), layout
-    f = io.BytesIO()
-    _Pickler(f, protocol=5).dump(outs)  # in band: the arena is too small for this chunk
-    return f.getvalue(), None
-
-
 def _die_with_parent(parent: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -95,27 +59,22 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _run_chunk(
-    msg: tuple[Any, ...], source: RandomAccess | None, fn: Callable[[Any], Any], stage: int
-) -> list[Any]:
-    _, _, seed, epoch, keys, values = msg
-    if values is None:
-        assert source is not None
-        try:
-            batch = source.read(np.asarray(keys, dtype=np.int64))
-            values = [take(batch, j) for j in range(len(keys))]
-        except Exception as e:
-            return [_err(e)] * len(keys)
-    outs: list[Any] = []
-    for key, value in zip(keys, values, strict=True):
-        try:
-            outs.append(("v", call_with_sample(fn, value, seed, epoch, stage, key)))
-        except Exception as e:
-            outs.append(_err(e))
-    return outs
+def _run_chunk(msg: tuple[Any, ...], work: MapWork, arena: WorkerArena | None) -> list[Any]:
+    _, slot, seed, epoch, units = msg
+    if arena is None:
+        return [_wire(out) for out in work.run_many(units, seed, epoch)]
+    arena.start(slot)
+    return [_wire(out) for out in work.run_many(units, seed, epoch, arena.alloc)]
 
 
-def _err(e: Exception) -> tuple[str, Any, str]:
+def _wire(out: Any) -> Any:
+    """A result as sent back: ``("v", value)`` or ``("e", exception, traceback text, key)``."""
+    if isinstance(out, Err):
+        return (*_err(out.exc), out.key)
+    return ("v", out)
+
+
+def _err(e: BaseException) -> tuple[str, Any, str]:
     try:
         picklable: Any = pickle.loads(pickle.dumps(e))
     except Exception:
@@ -129,20 +88,13 @@ def _worker_main(
     outbox: mpc.Connection,
     arena_name: str | None,
     arena_bytes: int,
-    source: RandomAccess | None,
-    fn: Callable[[Any], Any],
-    stage: int,
+    work: MapWork,
     threads: int,
 ) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides how to stop
     torch.set_num_threads(threads)
-    arena = (
-        None
-        if arena_name is None
-        else memoryview(shm.attach(arena_name, arena_bytes, writable=True))
-    )
-    slot_bytes = arena_bytes // _SLOTS
+    arena = None if arena_name is None else WorkerArena(arena_name, arena_bytes)
     while True:
         try:
             msg = inbox.recv()
@@ -151,9 +103,9 @@ def _worker_main(
         if msg is None:
             return
         t0 = now()
-        outs = _run_chunk(msg, source, fn, stage)
-        task, slot = msg[0], msg[1]
-        meta, layout = _encode(outs, arena, slot * slot_bytes, (slot + 1) * slot_bytes)
+        outs = _run_chunk(msg, work, arena)
+        task = msg[0]
+        meta, layout = (encode_inband(outs), None) if arena is None else arena.encode(outs)
         outbox.send((task, now() - t0, meta, layout))
 
 
@@ -163,7 +115,7 @@ class _Worker:
     proc: Any
     inbox: mpc.Connection
     outbox: mpc.Connection
-    arena: SharedMemory | None
+    arena: ParentArena | None
     free: list[int]
     tasks: dict[int, tuple[int, list[tuple[int, Item]]]]  # task -> (arena slot, entries)
 
@@ -174,13 +126,11 @@ class ProcessPool:
     def __init__(
         self,
         name: str,
-        fn: Callable[[Any], Any],
-        stage: int,
+        work: MapWork,
         ctx: Ctx,
         done: Done,
         meter: Meter,
         workers: int,
-        source: RandomAccess | None,
         opts: ProcessOptions,
     ) -> None:
         self.name, self._done, self._meter, self._opts = name, done, meter, opts
@@ -192,12 +142,14 @@ class ProcessPool:
         self._failure: BaseException | None = None
         self._warned_inband = False
         self._chunk = opts.chunk or 1
+        self._adapt = opts.chunk is None and work.collate is None  # a batch is one task already
         self._ctx = ctx
         fork = opts.start_method == "fork"
-        shared = None if source is None else source.for_workers(self._owner, fork=fork)
+        if work.source is not None:
+            work = replace(work, source=work.source.for_workers(self._owner, fork=fork))
         arena = self._arena_bytes(workers)
         try:
-            self._workers = [self._spawn(i, fn, stage, shared, arena) for i in range(workers)]
+            self._workers = [self._spawn(i, work, arena) for i in range(workers)]
         except BaseException:
             self.close()
             raise
@@ -212,17 +164,15 @@ class ProcessPool:
             return 0
         return min(self._opts.shm_bytes, free // (2 * workers)) // 4096 * 4096
 
-    def _spawn(
-        self, i: int, fn: Callable[[Any], Any], stage: int, src: RandomAccess | None, arena: int
-    ) -> _Worker:
+    def _spawn(self, i: int, work: MapWork, arena: int) -> _Worker:
         ctx = mp.get_context(self._opts.start_method)
         block = None
-        if arena > 0:
-            block = shm.create(arena, what=f"stage '{self.name}' worker {i}")
+        if arena > 0:  # reserved slot by slot by the worker, as results need it
+            block = shm.create(arena, what=f"stage '{self.name}' worker {i}", reserve=False)
             self._owner.callback(shm.release, block)
         inbox_r, inbox_w = ctx.Pipe(duplex=False)
         outbox_r, outbox_w = ctx.Pipe(duplex=False)
-        args = (os.getpid(), inbox_r, outbox_w, block and block.name, arena, src, fn, stage)
+        args = (os.getpid(), inbox_r, outbox_w, block and block.name, arena, work)
         proc = ctx.Process(  # type: ignore[attr-defined]
             target=_worker_main,
             args=(*args, self._opts.threads),
@@ -239,7 +189,15 @@ class ProcessPool:
             ) from e
         inbox_r.close()
         outbox_w.close()
-        return _Worker(i, proc, inbox_w, outbox_r, block, list(range(_SLOTS)), {})
+        worker = _Worker(i, proc, inbox_w, outbox_r, None, list(range(SLOTS)), {})
+        if block is not None:
+            worker.arena = ParentArena(block, lambda slot: self._free_slot(worker, slot))
+        return worker
+
+    def _free_slot(self, w: _Worker, slot: int) -> None:
+        with self._cond:
+            w.free.append(slot)
+            self._cond.notify_all()
 
     def submit(self, seq: int, item: Item) -> None:
         self._pending.append((seq, item))
@@ -259,12 +217,9 @@ class ProcessPool:
             slot = w.free.pop()
             task = next(self._task_ids)
             w.tasks[task] = (slot, entries)
-        keys = [it.key for _, it in entries]
-        values = (
-            None if all(it.value is None for _, it in entries) else [it.value for _, it in entries]
-        )
+        units = [(it.value, it.key, it.keys) for _, it in entries]
         with contextlib.suppress(OSError):  # a dead worker is reported by the collector
-            w.inbox.send((task, slot, self._ctx.seed, self._ctx.epoch, keys, values))
+            w.inbox.send((task, slot, self._ctx.seed, self._ctx.epoch, units))
 
     def _free_worker(self) -> _Worker | None:
         free = [w for w in self._workers if w.free]
@@ -288,18 +243,15 @@ class ProcessPool:
         task, busy, meta, layout = msg
         with self._cond:
             slot, entries = w.tasks.pop(task)
-        if layout is None:
+        if layout is None and w.arena is not None:
             self._warn_inband()
-            buffers: list[bytearray] = []
+        if w.arena is None:
+            self._free_slot(w, slot)
+            outs = pickle.loads(meta)
         else:
-            assert w.arena is not None and w.arena.buf is not None
-            buffers = [bytearray(w.arena.buf[o : o + n]) for o, n in layout]
-        outs = pickle.loads(meta, buffers=buffers)
-        with self._cond:
-            w.free.append(slot)
-            self._cond.notify_all()
+            outs = w.arena.decode(meta, layout, slot)
         self._meter.busy += busy
-        if self._opts.chunk is None:
+        if self._adapt:
             self._chunk = max(1, min(64, round(_TARGET_CHUNK_S * len(entries) / max(busy, 1e-6))))
         for (seq, item), out in zip(entries, outs, strict=True):
             self._done(seq, item, out[1] if out[0] == "v" else _remote_err(out))
@@ -308,9 +260,9 @@ class ProcessPool:
         if not self._warned_inband:
             self._warned_inband = True
             warnings.warn(
-                f"stage '{self.name}': results larger than the shared-memory arena "
-                f"({self._opts.shm_bytes >> 20} MiB per worker) are sent through pipes, which is "
-                "slower; raise shm_bytes= or make chunks smaller",
+                f"stage '{self.name}': a chunk's results did not fit a shared-memory slot "
+                f"({self._opts.shm_bytes // SLOTS >> 20} MiB: shm_bytes/{SLOTS}) or /dev/shm is "
+                "full; they went through a pipe, which is slower. Raise shm_bytes=, or batch less",
                 RuntimeWarning,
                 stacklevel=1,
             )
@@ -362,10 +314,10 @@ def _stop(proc: Any) -> None:
         proc.join(2.0)
 
 
-def _remote_err(out: tuple[str, Any, str]) -> Err:
-    _, exc, text = out
+def _remote_err(out: tuple[str, Any, str, int | None]) -> Err:
+    _, exc, text, key = out
     exc.__cause__ = _RemoteTraceback(text)
-    return Err(exc)
+    return Err(exc, key)
 
 
 def default_start_method() -> str:

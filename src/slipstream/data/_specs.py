@@ -38,7 +38,7 @@ class MapSpec:
     name: str
     start_method: str | None = None
     threads: int = 1
-    shm_bytes: int = 32 << 20
+    shm_bytes: int = 64 << 20
     chunk: int | None = None
 
 

@@ -17,6 +17,8 @@ import torch
 from slipstream._core.errors import ArgumentError
 
 Collate = Callable[[list[Any]], Any]
+# Where a collated leaf may be placed: (shape, numpy dtype) -> an empty array, or None.
+Alloc = Callable[[tuple[int, ...], np.dtype[Any]], "np.ndarray | None"]
 
 
 def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
@@ -28,17 +30,35 @@ def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
     return fn(tree)
 
 
-def _stack_leaf(items: list[Any]) -> Any:
+def _stack_leaf(items: list[Any], alloc: Alloc | None) -> Any:
     first = items[0]
     if isinstance(first, torch.Tensor):
-        return torch.stack(items)
-    if isinstance(first, np.ndarray | np.generic | bool | int | float | complex):
-        return np.stack(items) if isinstance(first, np.ndarray) else np.asarray(items)
+        out = _placed(alloc, (len(items), *first.shape), first.dtype)
+        return torch.stack(items) if out is None else torch.stack(items, out=torch.from_numpy(out))
+    if isinstance(first, np.ndarray):
+        out = _placed(alloc, (len(items), *first.shape), first.dtype)
+        return np.stack(items) if out is None else np.stack(items, out=out)
+    if isinstance(first, np.generic | bool | int | float | complex):
+        return np.asarray(items)
     return list(items)
 
 
-def collate(samples: Sequence[Any]) -> Any:
+def _placed(alloc: Alloc | None, shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
+    if alloc is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        try:
+            dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        except TypeError:  # no numpy twin (bfloat16): stack the usual way
+            return None
+    np_dtype = np.dtype(dtype)
+    return None if np_dtype.hasobject else alloc(shape, np_dtype)
+
+
+def collate(samples: Sequence[Any], alloc: Alloc | None = None) -> Any:
     """Stack a list of samples of one structure into a batch.
+
+    ``alloc`` may place stacked arrays (a process worker puts them in shared memory).
 
     >>> collate([{"x": np.zeros(2), "y": 1}, {"x": np.ones(2), "y": 0}])["y"]
     array([1, 0])
@@ -53,15 +73,15 @@ def collate(samples: Sequence[Any]) -> Any:
                     f"batch: samples differ in structure: {sorted(keys)} and {got}; "
                     "pass collate= to batch samples of varying structure"
                 )
-        return {k: collate([s[k] for s in samples]) for k in keys}
+        return {k: collate([s[k] for s in samples], alloc) for k in keys}
     if isinstance(first, tuple | list):
         if any(len(s) != len(first) for s in samples):
             raise ArgumentError(
                 "batch: sequence samples differ in length; pass collate= for ragged data"
             )
-        return type(first)(collate(list(col)) for col in zip(*samples, strict=True))
+        return type(first)(collate(list(col), alloc) for col in zip(*samples, strict=True))
     try:
-        return _stack_leaf(list(samples))
+        return _stack_leaf(list(samples), alloc)
     except (RuntimeError, ValueError) as e:  # shapes differ
         raise ArgumentError(
             f"batch: cannot stack leaves of different shapes ({e}); pass collate= for ragged data"
@@ -97,8 +117,8 @@ def gather(batch: Any, indices: np.ndarray) -> Any:
     """Rows ``indices`` of every leaf, as one batch (a vectorised read)."""
 
     def rows(leaf: Any) -> Any:
-        if isinstance(leaf, torch.Tensor):
-            return leaf[torch.from_numpy(indices)]
+        if isinstance(leaf, torch.Tensor):  # index_select is ~4x faster than tensor[idx]
+            return torch.index_select(leaf, 0, torch.from_numpy(indices).to(leaf.device))
         if isinstance(leaf, np.ndarray):
             picked = leaf[indices]
             return picked.tolist() if picked.dtype == object else picked
