@@ -92,7 +92,8 @@ class AsyncReader:
         delay = 0.05
         for attempt in range(self.retries + 1):
             try:
-                return await asyncio.wait_for(self._read_once(path), self.timeout)
+                data: bytes = await _within(self.timeout, self._read_once(path))
+                return data
             except Exception as e:
                 last = attempt == self.retries or not is_url(path) or not _retryable(e)
                 if last:
@@ -117,7 +118,10 @@ class AsyncReader:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._pool, _read_local, _local(path))
         protocol = path.split("://", 1)[0]
-        fs = await self._fs_for(protocol, path)
+        if protocol in self._async_fs:
+            fs = self._async_fs[protocol]
+        else:
+            fs = await self._fs_for(protocol, path)
         if fs is not None:
             data: bytes = await fs._cat_file(
                 path if protocol in ("http", "https") else _strip(path)
@@ -133,7 +137,9 @@ class AsyncReader:
             sync_fs, _ = _fs(url)
             fs = None
             if getattr(sync_fs, "async_impl", False):
-                fs = type(sync_fs)(asynchronous=True, **getattr(sync_fs, "storage_options", {}))
+                options = getattr(sync_fs, "storage_options", {})
+                # our own instance (fsspec caches them): its session lives and dies with us
+                fs = type(sync_fs)(asynchronous=True, skip_instance_cache=True, **options)
                 if hasattr(fs, "set_session"):
                     await fs.set_session()
             self._async_fs[protocol] = fs
@@ -146,6 +152,17 @@ class AsyncReader:
                 await session.close()
         self._async_fs.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _within(timeout: float | None, coro: Any) -> Any:
+    """Await ``coro`` with a deadline; ``asyncio.timeout`` avoids a task per call (3.11+)."""
+    if timeout is None:
+        return await coro
+    deadline = getattr(asyncio, "timeout", None)
+    if deadline is None:  # Python 3.10
+        return await asyncio.wait_for(coro, timeout)
+    async with deadline(timeout):
+        return await coro
 
 
 def _strip(url: str) -> str:

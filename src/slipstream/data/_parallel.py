@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -259,18 +260,26 @@ class AsyncPool:
         self._work, self._done, self._meter, self._on_close = work, done, meter, on_close
         self._loop = asyncio.new_event_loop()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._inbox: deque[tuple[int, Item]] = deque()  # submitted, not yet started
+        self._woken = False
         self._thread = threading.Thread(
             target=self._loop.run_forever, name=f"slipstream-{name}-loop", daemon=True
         )
         self._thread.start()
 
     def submit(self, seq: int, item: Item) -> None:
-        self._loop.call_soon_threadsafe(self._spawn, seq, item)
+        self._inbox.append((seq, item))
+        if not self._woken:  # one wake-up of the loop per burst of submissions
+            self._woken = True
+            self._loop.call_soon_threadsafe(self._spawn)
 
-    def _spawn(self, seq: int, item: Item) -> None:
-        task = self._loop.create_task(self._run(seq, item))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self) -> None:
+        self._woken = False
+        while self._inbox:
+            seq, item = self._inbox.popleft()
+            task = self._loop.create_task(self._run(seq, item))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run(self, seq: int, item: Item) -> None:
         t0 = now()
