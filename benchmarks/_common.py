@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,7 +22,9 @@ def machine() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+            )
     except OSError:
         pass
     return {
@@ -34,9 +37,17 @@ def machine() -> dict[str, Any]:
     }
 
 
-def emit(bench: str, figures: dict[str, Any], ratio: float | dict[str, float], config: dict[str, Any]) -> None:
+def emit(
+    bench: str, figures: dict[str, Any], ratio: float | dict[str, float], config: dict[str, Any]
+) -> None:
     """Print the benchmark's one JSON line (DESIGN.md §7)."""
-    line = {"bench": bench, "figures": figures, "ratio": ratio, "config": config, "machine": machine()}
+    line = {
+        "bench": bench,
+        "figures": figures,
+        "ratio": ratio,
+        "config": config,
+        "machine": machine(),
+    }
     print(json.dumps(line), flush=True)
 
 
@@ -51,10 +62,8 @@ def tree_memory(proc: psutil.Process | None = None) -> int:
     proc = proc or psutil.Process()
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             total += p.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
     return total
 
 

@@ -37,7 +37,9 @@ def main() -> None:
         return count
 
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=BATCH, shuffle=True
+        torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+        batch_size=BATCH,
+        shuffle=True,
     )
     dl_s, dl_n = timed(lambda: consume(loader, measured // 8))  # DataLoader is slow: fewer batches
     log(f"DataLoader: {dl_n / dl_s:,.0f} samples/s")
@@ -56,8 +58,17 @@ def main() -> None:
             "slipstream_torch_samples_per_s": round(st_rate),
             "cores": 1,
         },
-        {"numpy_vs_dataloader": round(ss_rate / dl_rate, 2), "torch_vs_dataloader": round(st_rate / dl_rate, 2)},
-        {"rows": rows, "features": 64, "batch": BATCH, "batches_timed": measured, "quick": args.quick},
+        {
+            "numpy_vs_dataloader": round(ss_rate / dl_rate, 2),
+            "torch_vs_dataloader": round(st_rate / dl_rate, 2),
+        },
+        {
+            "rows": rows,
+            "features": 64,
+            "batch": BATCH,
+            "batches_timed": measured,
+            "quick": args.quick,
+        },
     )
 
 

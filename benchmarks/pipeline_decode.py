@@ -81,7 +81,9 @@ def contenders(jpegs: list[bytes], cores: int) -> dict[str, Callable[[], float]]
     source = ss.from_arrays({"jpg": np.array(jpegs, dtype=object)})
     for w in (cores, cores + 1):
         loaders[f"slipstream-thread-{w}"] = source.map(decode_sample, workers=w).batch(BATCH)
-    loaders[f"slipstream-process-{cores}"] = source.map(decode_sample, mode="process", workers=cores).batch(BATCH)
+    loaders[f"slipstream-process-{cores}"] = source.map(
+        decode_sample, mode="process", workers=cores
+    ).batch(BATCH)
     for loader in loaders.values():
         epoch_rate(loader)  # warm-up: workers start, caches fill
     return {name: (lambda lo=loader: epoch_rate(lo)) for name, loader in loaders.items()}
@@ -122,7 +124,15 @@ def main() -> None:
             "dataloader_best_vs_limit": round(dl[best_dl] / limit, 3),
             "slipstream_best_vs_dataloader_best": round(sl[best_ss] / dl[best_dl], 3),
         },
-        {"images": n, "rounds": rounds, "size_in": 160, "size_out": 128, "batch": BATCH, "cores": cores, "quick": args.quick},
+        {
+            "images": n,
+            "rounds": rounds,
+            "size_in": 160,
+            "size_out": 128,
+            "batch": BATCH,
+            "cores": cores,
+            "quick": args.quick,
+        },
     )
     for loader in timed.values():
         del loader

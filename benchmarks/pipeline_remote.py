@@ -98,12 +98,18 @@ def main() -> None:
                 HttpDataset(port, n), batch_size=16, num_workers=workers, collate_fn=collate_bytes
             )
             results[f"dataloader-{workers}"] = run_excluding(loader, server_ps)
-            log(f"DataLoader num_workers={workers}: {results[f'dataloader-{workers}'][0]:,.0f} obj/s")
+            log(
+                f"DataLoader num_workers={workers}: "
+                f"{results[f'dataloader-{workers}'][0]:,.0f} obj/s"
+            )
         for concurrency in (64, 256):
             pipe = ss.from_files(urls, concurrency=concurrency).batch(16, collate=list)
             results[f"slipstream-{concurrency}"] = run_excluding(pipe, server_ps)
             pipe.close()
-            log(f"slipstream concurrency={concurrency}: {results[f'slipstream-{concurrency}'][0]:,.0f} obj/s")
+            log(
+                f"slipstream concurrency={concurrency}: "
+                f"{results[f'slipstream-{concurrency}'][0]:,.0f} obj/s"
+            )
     finally:
         server.kill()
         server.join()

@@ -89,10 +89,16 @@ def main() -> None:
         assert same, "resumed batches differ from the uninterrupted run"
         middle = {**state, "cursor": n // 2 // BATCH * BATCH}
         ms_at_mid, _ = resume_ms(path, middle)
-        log(f"state {state_bytes} B; resume {ms_at_256k:.1f} ms at 256,000, {ms_at_mid:.1f} ms at n/2")
+        log(
+            f"state {state_bytes} B; resume {ms_at_256k:.1f} ms at 256,000, "
+            f"{ms_at_mid:.1f} ms at n/2"
+        )
     dl_n = 10**6 if args.quick else 10**8
     startup, skip_s = dataloader_skip(dl_n, 1000)
-    log(f"DataLoader over {dl_n:.0e}: first batch after {startup:.2f} s, 1000 batches skipped in {skip_s:.2f} s")
+    log(
+        f"DataLoader over {dl_n:.0e}: first batch after {startup:.2f} s, "
+        f"1000 batches skipped in {skip_s:.2f} s"
+    )
     emit(
         "pipeline_resume",
         {

@@ -25,7 +25,9 @@ def test_stats_name_every_stage_and_count_items() -> None:
     assert [s.name for s in st.stages] == ["read(arrays)", "batch(10)", "map(slow)", "prefetch(2)"]
     by = {s.name: s for s in st.stages}
     assert by["read(arrays)"].items == 200
-    assert by["batch(10)"].items == by["map(slow)"].items == by["prefetch(2)"].items == st.items == 20
+    assert (
+        by["batch(10)"].items == by["map(slow)"].items == by["prefetch(2)"].items == st.items == 20
+    )
     assert by["map(slow)"].busy_s >= 0.3  # 200 × 2 ms over its workers
     assert by["map(slow)"].workers == 4 and by["map(slow)"].queue_capacity == 8
     assert 0 < st.stall_s <= st.elapsed_s and 0 < st.stall_fraction <= 1
