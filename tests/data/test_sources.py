@@ -128,3 +128,29 @@ def test_a_consumed_iterator_says_how_to_get_more_epochs() -> None:
     assert list(pipe) == [0, 1, 2]
     with pytest.raises(ss.LifecycleError, match="pass a function"):
         list(pipe)
+
+
+class Squares:
+    """A source of one's own: the protocol is a handful of attributes and methods."""
+
+    name = "squares"
+    io_bound = False
+    block_sizes = None
+
+    def __len__(self) -> int:
+        return 1000
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        return indices**2
+
+    def for_workers(self, owner: object, *, fork: bool) -> Squares:
+        return self
+
+
+def test_a_source_of_ones_own_gets_every_stage() -> None:
+    pipe = (
+        ss.Pipeline(Squares()).shuffle(seed=1).map(lambda v: int(v) + 1, mode="process", workers=2)
+    )
+    out = sorted(pipe)
+    assert out == [i * i + 1 for i in range(1000)]
+    assert next(iter(ss.Pipeline(Squares()).batch(4))).tolist() == [0, 1, 4, 9]

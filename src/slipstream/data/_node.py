@@ -122,6 +122,16 @@ class Node:
         finally:
             self.meter.wait_in += now() - t0
 
+    def pull_up_to(self, n: int) -> list[Item]:
+        """Up to ``n`` upstream items (fewer at the end of the epoch)."""
+        items: list[Item] = []
+        while len(items) < n:
+            try:
+                items.append(self.pull())
+            except StopIteration:
+                break
+        return items
+
     def depth(self) -> tuple[int, int]:
         """Items buffered in this stage and its bound."""
         return 0, 0

@@ -7,11 +7,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
+import torch.distributed as dist
+
 from slipstream._core.checks import non_negative_int, one_of, positive_int, positive_number
 from slipstream._core.errors import ArgumentError, LifecycleError
-from slipstream._core.stats import PipelineStats, StageStats
-from slipstream.data._node import Ctx, Node
-from slipstream.data._order import Even
+from slipstream._core.stats import PipelineStats, StageStats, now
+from slipstream.data._node import Ctx
+from slipstream.data._order import Even, RankSlice
 from slipstream.data._plan import build, order_of
 from slipstream.data._run import (
     PipelineIterator,
@@ -77,7 +79,6 @@ class Pipeline:
         self._totals: list[StageStats] = []
         self._consumer = (0, 0.0, 0.0)  # items, elapsed, stall over finished passes
         self._run: weakref.ref[Run] | None = None
-        self._last_chain: list[Node] = []
         self._closed = False
 
     # -- building -------------------------------------------------------------------------
@@ -215,8 +216,6 @@ class Pipeline:
     def _layout(self) -> OrderSpec:
         if self._explicit_shard:
             return self._order
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             return replace(self._order, rank=dist.get_rank(), world=dist.get_world_size())
         return self._order
@@ -234,10 +233,8 @@ class Pipeline:
         state = rebase(self._state, layout.world, self._sharded())
         self._state = state
         head = build(self.source, list(self._specs), layout, self._timeout)
-        chain = head.chain()
-        for stage, policy in policies(chain).items():
+        for stage, policy in policies(head.chain()).items():
             policy.load(state.skipped.get(stage, []))
-        self._last_chain = chain
         ctx = Ctx(state.seed, state.epoch, state.origin, self._stall_timeout)
         # Streams deliver each item as it comes; a finite source looks one item ahead.
         lookahead = not isinstance(self.source, IterableSource)
@@ -248,14 +245,24 @@ class Pipeline:
     def _sharded(self) -> bool:
         return isinstance(self.source, Sequential) and self.source.num_shards is not None
 
-    def _finished(self, run: Run) -> None:
-        chain = run.head.chain()
-        for stage, policy in policies(chain).items():
+    def _live(self) -> Run | None:
+        run = self._run() if self._run is not None else None
+        return None if run is None or run.closed else run
+
+    def _sync_skipped(self, run: Run) -> None:
+        for stage, policy in policies(run.head.chain()).items():
             self._state.skipped[stage] = list(policy.meter.skipped)
-        snaps = [n.stats() for n in chain]
+
+    def _stage_totals(self, run: Run) -> list[StageStats]:
+        """Finished passes' figures plus ``run``'s, stage by stage."""
+        snaps = [n.stats() for n in run.head.chain()]
         if len(self._totals) == len(snaps):
             snaps = [add_stats(a, b) for a, b in zip(self._totals, snaps, strict=True)]
-        self._totals = snaps
+        return snaps
+
+    def _finished(self, run: Run) -> None:
+        self._sync_skipped(run)
+        self._totals = self._stage_totals(run)
         items, elapsed, stall = self._consumer
         self._consumer = (items + run.items, elapsed + _elapsed(run), stall + run.stall)
         if run.ended:
@@ -269,8 +276,7 @@ class Pipeline:
             )
 
     def _stop_run(self) -> None:
-        run = self._run() if self._run is not None else None
-        if run is not None:
+        if (run := self._live()) is not None:
             run.close()
         self._run = None
 
@@ -292,10 +298,8 @@ class Pipeline:
         Taken after an epoch's last item, it points at the start of the next epoch (read
         ``pipe.epoch`` after loading it to know which epoch a resumed loop is in).
         """
-        run = self._run() if self._run is not None else None
-        if run is not None and not run.closed:
-            for stage, policy in policies(run.head.chain()).items():
-                self._state.skipped[stage] = list(policy.meter.skipped)
+        if (run := self._live()) is not None:
+            self._sync_skipped(run)
         self._state.world = self._layout().world
         return self._state.as_dict()
 
@@ -311,16 +315,13 @@ class Pipeline:
         A ``map`` followed by ``batch`` runs as one task per batch (workers map and collate):
         it shows as the batch's grouping followed by the map, which then counts batches.
         """
-        run = self._run() if self._run is not None else None
         items, elapsed, stall = self._consumer
-        if run is None or run.closed:
+        run = self._live()
+        if run is None:
             if not self._totals:
                 return empty_stats()
             return PipelineStats(tuple(self._totals), items, elapsed, stall, _skipped(self._totals))
-        snaps = [n.stats() for n in run.head.chain()]
-        if len(self._totals) == len(snaps):
-            snaps = [add_stats(a, b) for a, b in zip(self._totals, snaps, strict=True)]
-        stages = tuple(snaps)
+        stages = tuple(self._stage_totals(run))
         return PipelineStats(
             stages, items + run.items, elapsed + _elapsed(run), stall + run.stall, _skipped(stages)
         )
@@ -338,8 +339,6 @@ class Pipeline:
         if not isinstance(self.source, RandomAccess):
             return None
         layout = self._layout()
-        from slipstream.data._order import RankSlice
-
         n: int | None = RankSlice(
             len(self.source), 0, layout.rank, layout.world, layout.even
         ).length
@@ -365,7 +364,8 @@ class Pipeline:
         self.close()
 
     def __del__(self) -> None:
-        self._stop_run()
+        if hasattr(self, "_run"):  # not when __init__ failed
+            self._stop_run()
 
     def __repr__(self) -> str:
         stages = " → ".join(type(s).__name__.removesuffix("Spec").lower() for s in self._specs)
@@ -387,8 +387,6 @@ class Pipeline:
 
 
 def _elapsed(run: Run) -> float:
-    from slipstream._core.stats import now
-
     return now() - run.started
 
 

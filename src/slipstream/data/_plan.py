@@ -18,16 +18,13 @@ from slipstream._core.stats import Meter
 from slipstream.data._files import FilesSource
 from slipstream.data._node import Ctx, Item, Node
 from slipstream.data._parallel import (
-    AsyncPool,
     ErrorPolicy,
     InlineMapNode,
     MapWork,
     ParallelMapNode,
-    Pool,
-    PoolFactory,
-    ThreadPool,
     arun_item,
 )
+from slipstream.data._pools import AsyncPool, Pool, PoolFactory, ThreadPool
 from slipstream.data._procs import ProcessOptions, ProcessPool, default_start_method
 from slipstream.data._source import RandomAccess, Sequential
 from slipstream.data._sourcenode import OrderSpec, RandomSourceNode, SequentialSourceNode

@@ -31,7 +31,8 @@ from slipstream._core import shm
 from slipstream._core.errors import ArgumentError, WorkerDiedError
 from slipstream._core.stats import Meter, now
 from slipstream.data._node import CLOSE_S, POLL_S, Ctx, Item
-from slipstream.data._parallel import Done, Err, MapWork, format_remote
+from slipstream.data._parallel import MapWork, format_remote
+from slipstream.data._pools import Done, Err
 from slipstream.data._wire import SLOTS, ParentArena, WorkerArena, encode_inband
 
 _TARGET_CHUNK_S = 0.005
@@ -75,7 +76,7 @@ def _wire(out: Any) -> Any:
 
 
 def _err(e: BaseException) -> tuple[str, Any, str]:
-    try:
+    try:  # does the exception survive pickling? (our own bytes, just made)
         picklable: Any = pickle.loads(pickle.dumps(e))
     except Exception:
         picklable = None
@@ -247,7 +248,7 @@ class ProcessPool:
             self._warn_inband()
         if w.arena is None:
             self._free_slot(w, slot)
-            outs = pickle.loads(meta)
+            outs = pickle.loads(meta)  # from our own worker over a private pipe
         else:
             outs = w.arena.decode(meta, layout, slot)
         self._meter.busy += busy

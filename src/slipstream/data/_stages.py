@@ -60,12 +60,7 @@ class BatchNode(Node):
         self.size, self.drop_last, self.fn = size, drop_last, fn or collate
 
     def _next(self) -> Item:
-        items: list[Item] = []
-        while len(items) < self.size:
-            try:
-                items.append(self.pull())
-            except StopIteration:
-                break
+        items = self.pull_up_to(self.size)
         if not items or (self.drop_last and len(items) < self.size):
             raise StopIteration
         try:
@@ -127,12 +122,7 @@ class WindowShuffleNode(Node):
         self._pos = 0
 
     def _fill(self) -> None:
-        items: list[Item] = []
-        while len(items) < self.window:
-            try:
-                items.append(self.pull())
-            except StopIteration:
-                break
+        items = self.pull_up_to(self.window)
         if not items:
             raise StopIteration
         self._end = items[-1].cursor

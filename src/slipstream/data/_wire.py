@@ -1,5 +1,6 @@
 """How process workers hand results back: pickle protocol 5 with the array bytes out of band,
 written into the worker's shared-memory arena and read there by the parent without a copy.
+(The parent unpickles only bytes its own workers wrote, over private pipes and shared memory.)
 
 Arena: one shared-memory block per worker, cut into ``SLOTS`` slots; a slot holds the results
 of one chunk. The worker reserves a slot's pages on first use (``posix_fallocate``), so memory is
