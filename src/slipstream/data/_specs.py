@@ -19,7 +19,9 @@ from slipstream.data._tree import Collate
 
 Mode = Literal["thread", "process", "async"]
 MODES: tuple[Mode, ...] = ("thread", "process", "async")
-START_METHODS = ("fork", "forkserver", "spawn")
+Errors = Literal["raise", "skip"]
+StartMethod = Literal["fork", "forkserver", "spawn"]
+START_METHODS: tuple[StartMethod, ...] = ("fork", "forkserver", "spawn")
 
 
 def fn_name(fn: Callable[..., Any]) -> str:
