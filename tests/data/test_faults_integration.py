@@ -178,7 +178,7 @@ def test_a_stage_without_progress_says_what_it_waits_for() -> None:
     try:
         with (
             pytest.warns(RuntimeWarning, match="still inside a user function"),
-            pytest.raises(ss.StallError, match=r"map\(hang_on_5\).*sample 5 started"),
+            pytest.raises(ss.StallError, match=r"map\(hang_on_5\).*oldest sample 5"),
         ):
             list(pipe)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -154,3 +155,33 @@ def test_a_source_of_ones_own_gets_every_stage() -> None:
     out = sorted(pipe)
     assert out == [i * i + 1 for i in range(1000)]
     assert next(iter(ss.Pipeline(Squares()).batch(4))).tolist() == [0, 1, 4, 9]
+
+
+def test_parquet_and_tar_through_an_fsspec_url(tmp_path: Path) -> None:
+    import fsspec
+
+    write_parquet(tmp_path / "a.parquet", 50, row_group=20)
+    write_tar(tmp_path / "s.tar", list(range(6)))
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/slipstream-url/a.parquet", (tmp_path / "a.parquet").read_bytes())
+    mem.pipe("/slipstream-url/s.tar", (tmp_path / "s.tar").read_bytes())
+    try:
+        rows = list(ss.from_parquet("memory://slipstream-url/*.parquet").shuffle(seed=1))
+        assert sorted(ids(rows)) == list(range(50))
+        samples = list(ss.from_tar("memory://slipstream-url/s.tar"))
+        assert [s["txt"] for s in samples] == [f"{k}:txt".encode() for k in range(6)]
+    finally:
+        mem.rm("/slipstream-url", recursive=True)
+
+
+def double_x(sample: dict[str, Any]) -> Any:
+    return sample["x"] * 2
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_spawned_workers_map_arrays_from_shared_memory(method: str) -> None:
+    x = torch.arange(40, dtype=torch.float32).reshape(20, 2)
+    pipe = ss.from_arrays({"x": x}).map(double_x, mode="process", workers=2, start_method=method)
+    out = next(iter(pipe.batch(20)))
+    assert torch.equal(torch.as_tensor(out), x * 2)
+    # the conftest leak check proves the shared copy of the arrays was released

@@ -75,26 +75,44 @@ class PipelineStats:
         return "\n".join(rows)
 
 
-class Meter:
-    """Mutable counters of one stage. Each field is written by the stage's own threads only."""
+# Timing an item costs about 170 ns (two clock reads and the updates). A stage whose items take
+# under FAST_S is timed on one item in SAMPLE, which stands for the others; any slower item puts
+# it back to timing every item. So stats cost under 1% of throughput even for trivial stages.
+FAST_S = 20e-6
+SAMPLE = 16
 
-    __slots__ = ("busy", "items", "name", "skipped", "wait_in", "wait_out", "workers")
+
+def weighed(dt: float) -> tuple[float, int]:
+    """The time a timed item stands for, and how many items to leave untimed after it."""
+    return (dt * SAMPLE, SAMPLE - 1) if dt < FAST_S else (dt, 0)
+
+
+class Meter:
+    """Mutable counters of one stage. Each field is written by the stage's own threads only.
+
+    ``total`` is the time callers spent inside the stage's ``next`` (so a stage's input wait is
+    its upstream's ``total``: nothing is timed twice); ``busy`` is filled by stages that work in
+    threads or processes of their own. ``skip`` counts items left untimed (see ``weighed``).
+    """
+
+    __slots__ = ("busy", "items", "name", "skip", "skipped", "total", "wait_out", "workers")
 
     def __init__(self, name: str, workers: int = 1) -> None:
         self.name = name
         self.workers = workers
         self.items = 0
+        self.skip = 0
+        self.total = 0.0
         self.busy = 0.0
-        self.wait_in = 0.0
         self.wait_out = 0.0
         self.skipped: list[int] = []
 
-    def snapshot(self, depth: int = 0, capacity: int = 0) -> StageStats:
+    def snapshot(self, busy: float, wait_in: float, depth: int, capacity: int) -> StageStats:
         return StageStats(
             self.name,
             self.items,
-            self.busy,
-            self.wait_in,
+            busy,
+            wait_in,
             self.wait_out,
             depth,
             capacity,

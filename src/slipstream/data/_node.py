@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slipstream._core.errors import LifecycleError, StallError
-from slipstream._core.stats import Meter, StageStats, now
+from slipstream._core.stats import Meter, StageStats, now, weighed
 
 Cursor = Any  # JSON-able: None (start of the epoch), ints, and lists of cursors
 
@@ -79,7 +79,8 @@ class Node:
     ``start`` (re)starts at a cursor, ``next`` returns an :class:`Item` or raises StopIteration,
     ``close`` releases threads and processes and closes upstream. Unless a subclass says
     otherwise, all three are called from the consumer's thread only. A ``background`` node works
-    in threads of its own, which account for its busy time; its ``next`` only hands items over.
+    in threads or processes of its own, which add to its ``meter.busy``; its ``next`` only hands
+    items over. Other nodes' busy time is their time in ``next`` less their input wait.
     """
 
     background = False
@@ -100,27 +101,26 @@ class Node:
             self.upstream.start(ctx, cursor)
 
     def next(self) -> Item:
-        if self.background:
+        m = self.meter
+        if m.skip:  # a fast stage: this item is not timed (see _core.stats.weighed)
+            m.skip -= 1
             item = self._next()
-            self.meter.items += 1
+            m.items += 1
             return item
-        t0, w0 = now(), self.meter.wait_in
+        t0 = now()
         item = self._next()
-        self.meter.busy += now() - t0 - (self.meter.wait_in - w0)
-        self.meter.items += 1
+        dt, m.skip = weighed(now() - t0)  # the only clock reads per item and stage
+        m.total += dt
+        m.items += 1
         return item
 
     def _next(self) -> Item:
         raise NotImplementedError
 
     def pull(self) -> Item:
-        """The next upstream item, with the wait counted as this stage's input wait."""
+        """The next upstream item (the upstream times it: that is this stage's input wait)."""
         assert self.upstream is not None
-        t0 = now()
-        try:
-            return self.upstream.next()
-        finally:
-            self.meter.wait_in += now() - t0
+        return self.upstream.next()
 
     def pull_up_to(self, n: int) -> list[Item]:
         """Up to ``n`` upstream items (fewer at the end of the epoch)."""
@@ -137,7 +137,9 @@ class Node:
         return 0, 0
 
     def stats(self) -> StageStats:
-        return self.meter.snapshot(*self.depth())
+        wait_in = 0.0 if self.upstream is None else self.upstream.meter.total
+        busy = self.meter.busy if self.background else max(0.0, self.meter.total - wait_in)
+        return self.meter.snapshot(busy, wait_in, *self.depth())
 
     def close(self) -> None:
         if not self._closed:
@@ -239,6 +241,19 @@ class Channel:
 @dataclass(frozen=True, slots=True)
 class _Failure:
     exc: BaseException
+
+
+def timed(fn: Callable[[], Any], meter: Meter) -> Callable[[], Any]:
+    """``fn`` with its time added to ``meter.busy`` (for work done in a stage's own thread)."""
+
+    def run() -> Any:
+        t0 = now()
+        try:
+            return fn()
+        finally:
+            meter.busy += now() - t0
+
+    return run
 
 
 class Pump:

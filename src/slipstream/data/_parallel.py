@@ -215,7 +215,7 @@ class ParallelMapNode(Node):
         assert self.upstream is not None
         self.upstream.start(ctx, cursor)
         self._results: dict[int, tuple[Item, Any]] = {}
-        self._submitted: dict[int, tuple[int, float]] = {}
+        self._submitted: dict[int, int] = {}  # sequence number -> sample index, in flight
         self._next_seq, self._taken, self._inflight, self._stopping = 0, 0, 0, False
         self._end: int | None = None
         self._fatal: tuple[int, BaseException] | None = None
@@ -269,7 +269,7 @@ class ParallelMapNode(Node):
         assert self._pool is not None
         with self._cond:
             self._inflight += 1
-            self._submitted[seq] = (item.key, now())
+            self._submitted[seq] = item.key
         if item.key in self.policy.known:
             self._done(seq, item, SKIP)
         else:
@@ -317,10 +317,8 @@ class ParallelMapNode(Node):
     def _waiting_for(self) -> str:
         if not self._submitted:
             return f"waiting for its input, stage '{self.upstream.name if self.upstream else ''}'"
-        _, (key, t0) = min(self._submitted.items())
-        return (
-            f"{len(self._submitted)} item(s) in flight; sample {key} started {now() - t0:.1f} s ago"
-        )
+        _, key = min(self._submitted.items())
+        return f"{len(self._submitted)} item(s) in flight, the oldest sample {key}"
 
     def _next(self) -> Item:
         while True:

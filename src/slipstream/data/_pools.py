@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from slipstream._core.errors import StallError
-from slipstream._core.stats import Meter, now
+from slipstream._core.stats import Meter, now, weighed
 from slipstream.data._node import CLOSE_S, Ctx, Item, join_all
 
 Work = Callable[[Item], Any]  # what a pool runs per item; returns the new value (or an Err)
@@ -66,13 +66,18 @@ class ThreadPool:
             t.start()
 
     def _run(self) -> None:
+        skip = 0  # this thread's untimed items (see _core.stats.weighed)
         while (task := self._q.get()) is not None:
             seq, item = task
-            t0 = now()
-            out = self._work(item)
-            dt = now() - t0
-            with self._lock:
-                self._meter.busy += dt
+            if skip:
+                skip -= 1
+                out = self._work(item)
+            else:
+                t0 = now()
+                out = self._work(item)
+                dt, skip = weighed(now() - t0)
+                with self._lock:
+                    self._meter.busy += dt
             self._done(seq, item, out)
 
     def submit(self, seq: int, item: Item) -> None:

@@ -53,10 +53,14 @@ class _RemoteTraceback(Exception):
         return f"\n\nthe error happened in a worker process:\n{self.args[0]}"
 
 
-def _die_with_parent(parent: int) -> None:
+def _die_with_parent(parent: int | None) -> None:
+    """Die with the parent: at once on Linux (``PR_SET_PDEATHSIG``); elsewhere, and under a
+    forkserver (whose children have the forkserver as parent), the closed pipe ends the loop."""
+    if parent is None:
+        return
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
+    if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
 
@@ -84,7 +88,7 @@ def _err(e: BaseException) -> tuple[str, Any, str]:
 
 
 def _worker_main(
-    parent: int,
+    parent: int | None,
     inbox: mpc.Connection,
     outbox: mpc.Connection,
     arena_name: str | None,
@@ -173,7 +177,8 @@ class ProcessPool:
             self._owner.callback(shm.release, block)
         inbox_r, inbox_w = ctx.Pipe(duplex=False)
         outbox_r, outbox_w = ctx.Pipe(duplex=False)
-        args = (os.getpid(), inbox_r, outbox_w, block and block.name, arena, work)
+        parent = None if self._opts.start_method == "forkserver" else os.getpid()
+        args = (parent, inbox_r, outbox_w, block and block.name, arena, work)
         proc = ctx.Process(  # type: ignore[attr-defined]
             target=_worker_main,
             args=(*args, self._opts.threads),

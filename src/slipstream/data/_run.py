@@ -148,7 +148,7 @@ class Run:
 
     def __init__(self, head: Node, state: State, ctx: Ctx, on_close: Any, lookahead: bool) -> None:
         self.head, self.state, self._on_close, self.lookahead = head, state, on_close, lookahead
-        self.items, self.stall, self.started = 0, 0.0, now()
+        self.items, self.started = 0, now()
         self.closed = False
         self.ended = False
         self._ahead: Item | Exception | None = None
@@ -163,7 +163,6 @@ class Run:
     def next(self) -> Any:
         if self.closed:
             raise StopIteration
-        t0 = now()
         try:
             current = self._fetch() if self._ahead is None else self._ahead
             self._ahead = None
@@ -176,14 +175,17 @@ class Run:
         except BaseException:
             self.close()
             raise
-        finally:
-            self.stall += now() - t0
         self.state.cursor = current.cursor
         self.items += 1
         if isinstance(self._ahead, StopIteration):
             self.ended = True
             self.close()
         return current.value
+
+    @property
+    def stall(self) -> float:
+        """Seconds the consumer spent waiting in ``next`` (the head stage's time)."""
+        return self.head.meter.total
 
     def close(self) -> None:
         if not self.closed:

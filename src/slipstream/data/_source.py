@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -131,17 +132,30 @@ def _tree_len(tree: Any) -> int:
     return len(tree)
 
 
+@dataclass(frozen=True, slots=True)
+class _SharedLeaf:
+    """Where one array lives in shared memory (a leaf, so ``tree_map`` does not walk into it)."""
+
+    block: str
+    dtype: str
+    shape: tuple[int, ...]
+    is_tensor: bool
+
+
 class SharedArraySource:
-    """Arrays copied once into shared memory; pickles as block names and maps them on arrival."""
+    """Arrays copied once into shared memory; pickles as block names and maps them on arrival.
+
+    Leaves that cannot be shared (object arrays) travel as they are.
+    """
 
     io_bound = False
     block_sizes: Int64s | None = None
 
-    def __init__(self, specs: Any, name: str) -> None:
+    def __init__(self, specs: Any, name: str, n: int) -> None:
         self.name = name
-        self._specs = specs  # tree of (block name, dtype, shape, is_tensor) or a plain object leaf
+        self._specs = specs  # the data's structure, with a _SharedLeaf (or the array) per leaf
         self._tree: Any = None
-        self._n = _spec_len(specs)
+        self._n = n
 
     @classmethod
     def share(cls, tree: Any, name: str, owner: contextlib.ExitStack) -> SharedArraySource:
@@ -149,14 +163,14 @@ class SharedArraySource:
             is_tensor = isinstance(leaf, torch.Tensor)
             arr = leaf.numpy() if is_tensor else leaf
             if arr.dtype == object:
-                return ("object", arr)
+                return arr
             block = shm.create(arr.nbytes, what=f"sharing {name} with process workers")
             owner.callback(shm.release, block)
             assert block.buf is not None
             shm.array_view(block.buf, arr.dtype.str, arr.shape)[...] = arr
-            return (block.name, arr.dtype.str, arr.shape, is_tensor)
+            return _SharedLeaf(block.name, arr.dtype.str, tuple(arr.shape), is_tensor)
 
-        return cls(tree_map(put, tree), name)
+        return cls(tree_map(put, tree), name, _tree_len(tree))
 
     def __len__(self) -> int:
         return self._n
@@ -164,14 +178,18 @@ class SharedArraySource:
     def __getstate__(self) -> dict[str, Any]:
         return {"name": self.name, "_specs": self._specs, "_n": self._n, "_tree": None}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
     def _attach(self) -> Any:
         def get(spec: Any) -> Any:
-            if spec[0] == "object":
-                return spec[1]
-            block, dtype, shape, is_tensor = spec
-            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            arr = shm.array_view(shm.attach(block, nbytes, writable=False), dtype, shape)
-            return torch.from_numpy(arr) if is_tensor else arr
+            if not isinstance(spec, _SharedLeaf):
+                return spec
+            nbytes = int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
+            view = shm.attach(spec.block, nbytes, writable=False)
+            arr = shm.array_view(view, spec.dtype, spec.shape)
+            return torch.from_numpy(arr) if spec.is_tensor else arr
 
         return tree_map(get, self._specs)
 
@@ -182,12 +200,6 @@ class SharedArraySource:
 
     def for_workers(self, owner: contextlib.ExitStack, *, fork: bool) -> RandomAccess:
         return self
-
-
-def _spec_len(specs: Any) -> int:
-    while isinstance(specs, dict) or (isinstance(specs, tuple) and isinstance(specs[0], tuple)):
-        specs = next(iter(specs.values())) if isinstance(specs, dict) else specs[0]
-    return len(specs[1]) if specs[0] == "object" else int(specs[2][0])
 
 
 def load_npy(path: str) -> np.ndarray:

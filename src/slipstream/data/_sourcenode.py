@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from slipstream._core.errors import ArgumentError, SourceTimeoutError, StallError
-from slipstream.data._node import Channel, Ctx, Cursor, Item, Node, Pump
+from slipstream.data._node import Channel, Ctx, Cursor, Item, Node, Pump, timed
 from slipstream.data._order import Even, Int64s, Permutation, RankSlice, make_order, mix64
 from slipstream.data._source import RandomAccess, Sequential
 from slipstream.data._tree import take
@@ -75,6 +75,7 @@ class RandomSourceNode(Node):
         self._pending: deque[Item] = deque()
         self._pump: Pump | None = None
         self._reading: Int64s | None = None
+        self.background = source.io_bound and emit != "indices"  # read ahead by a thread
 
     def _start(self, ctx: Ctx, cursor: Cursor) -> None:
         n = len(self.source)
@@ -91,9 +92,9 @@ class RandomSourceNode(Node):
         self._k = 0 if cursor is None else int(cursor)
         self._chunk: tuple[int, Int64s] = (0, np.empty(0, dtype=np.int64))
         self._pending.clear()
-        if self.source.io_bound and self.emit != "indices":
-            capacity = _READ_AHEAD
-            self._pump = Pump(self.name, self._read_unit, Channel(capacity, self.meter))
+        if self.background:
+            reads = timed(self._read_unit, self.meter)
+            self._pump = Pump(self.name, reads, Channel(_READ_AHEAD, self.meter))
 
     def _indices(self, k0: int, count: int) -> Int64s:
         start, cached = self._chunk
@@ -133,6 +134,12 @@ class RandomSourceNode(Node):
             return f"a read from {self.name}"
         return f"a read of {describe(idx)}"
 
+    def next(self) -> Item:
+        if self._pending:  # most samples come out of the unit already read: nothing to time
+            self.meter.items += 1
+            return self._pending.popleft()
+        return super().next()
+
     def _next(self) -> Item:
         if self.emit == "batches":
             u = self._unit()
@@ -162,6 +169,8 @@ class SequentialSourceNode(Node):
     Cursor: ``[shard_position, offset]`` for sharded sources, an item count for streams.
     """
 
+    background = True  # read by a thread of its own
+
     def __init__(self, source: Sequential, spec: OrderSpec, *, timeout: float | None) -> None:
         super().__init__(f"read({source.name})", None)
         self.source, self.spec, self.timeout = source, spec, timeout
@@ -179,7 +188,8 @@ class SequentialSourceNode(Node):
             if self.source.num_shards is None
             else self._shards(ctx, cursor)
         )
-        self._pump = Pump(self.name, items.__next__, Channel(_SEQ_BUFFER, self.meter))
+        reads = timed(items.__next__, self.meter)
+        self._pump = Pump(self.name, reads, Channel(_SEQ_BUFFER, self.meter))
 
     def _stream(self, ctx: Ctx, cursor: Cursor) -> Iterator[Item]:
         k = 0 if cursor is None else int(cursor)
