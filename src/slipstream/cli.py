@@ -39,7 +39,7 @@ def _bench(args: argparse.Namespace) -> int:
         )
     failed = 0
     for script in chosen:
-        cmd = [sys.executable, str(script), *(["--quick"] if args.quick else [])]
+        cmd = [sys.executable, str(script.resolve()), *(["--quick"] if args.quick else [])]
         failed += subprocess.run(cmd, cwd=root, check=False).returncode != 0
     return 1 if failed else 0
 

@@ -80,3 +80,11 @@ def test_even_options_give_every_rank_the_same_batch_count() -> None:
             for r in range(4)
         }  # type: ignore[arg-type]
         assert len(counts) == 1, even
+
+
+def test_even_on_a_sequential_source_says_why_not(tmp_path: Path) -> None:
+    write_tar(tmp_path / "s.tar", [1, 2])
+    with pytest.raises(ss.ArgumentError, match=r"`even='pad'` needs a random-access source"):
+        ss.from_tar(str(tmp_path / "s.tar")).shard(0, 2, even="pad")
+    with pytest.raises(ss.ArgumentError, match="needs a random-access source"):
+        ss.from_iterable(lambda: range(4)).shard(1, 2, even="drop")

@@ -195,6 +195,12 @@ class Pipeline:
         if not 0 <= non_negative_int("rank", rank) < world:
             raise ArgumentError(f"`rank={rank}` must be in [0, world={world})")
         one_of("even", even, (None, "pad", "drop"))
+        if even is not None and isinstance(self.source, Sequential):
+            raise ArgumentError(
+                f"`even={even!r}` needs a random-access source: a sequential source's length is "
+                "not known before reading it, and tar shards go to ranks whole (write shards of "
+                "equal size to give ranks equal counts)"
+            )
         order = replace(self._order, rank=rank, world=world, even=even)
         return self._with(order=order, explicit_shard=True)
 
