@@ -33,16 +33,14 @@ def from_parquet(
     *,
     cache_blocks: int = 8,
     timeout: float | None = 120.0,
-    retries: int = 3,
 ) -> Pipeline:
     """Rows of Parquet files (a path, glob, URL or list), random access by row group.
 
-    Samples are dicts of the ``columns`` (all when ``None``). Needs ``slipstream[parquet]``.
+    Samples are dicts of the ``columns`` (all when ``None``); ``timeout`` bounds each row-group
+    read. Needs ``slipstream[parquet]``.
     """
-    source = ParquetSource(
-        paths, columns, cache_blocks=cache_blocks, timeout=timeout, retries=retries
-    )
-    return Pipeline(source, timeout=timeout)
+    positive_number("timeout", timeout, allow_none=True)
+    return Pipeline(ParquetSource(paths, columns, cache_blocks=cache_blocks), timeout=timeout)
 
 
 def from_files(

@@ -216,7 +216,8 @@ class ParallelMapNode(Node):
         self.upstream.start(ctx, cursor)
         self._results: dict[int, tuple[Item, Any]] = {}
         self._submitted: dict[int, int] = {}  # sequence number -> sample index, in flight
-        self._next_seq, self._taken, self._inflight, self._stopping = 0, 0, 0, False
+        # results taken so far; in ordered mode also the sequence number to deliver next
+        self._taken, self._inflight, self._stopping = 0, 0, False
         self._end: int | None = None
         self._fatal: tuple[int, BaseException] | None = None
         self._watermark: tuple[int, Cursor] = (-1, cursor)
@@ -284,7 +285,7 @@ class ParallelMapNode(Node):
     def _ready(self) -> int | None:
         """The sequence number to deliver next, if any is ready (call with ``_cond`` held)."""
         if self.ordered:
-            return self._next_seq if self._next_seq in self._results else None
+            return self._taken if self._taken in self._results else None
         return next(iter(self._results), None)
 
     def _take(self) -> tuple[int, Item, Any]:
@@ -296,7 +297,6 @@ class ParallelMapNode(Node):
             item, out = self._results.pop(seq)
             self._inflight -= 1
             self._taken += 1
-            self._next_seq += 1
             self._cond.notify_all()
         return seq, item, out
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from slipstream._core.checks import non_negative_int, positive_int, positive_number
+from slipstream._core.checks import positive_int
 from slipstream._core.errors import ArgumentError, CorruptDataError
 from slipstream._core.extras import require
 from slipstream.data._files import PathSpec
@@ -54,8 +54,6 @@ class ParquetSource:
         columns: list[str] | None = None,
         *,
         cache_blocks: int = 8,
-        timeout: float | None = 120.0,
-        retries: int = 3,
         name: str = "parquet",
     ) -> None:
         self.pq = require("pyarrow.parquet", feature="from_parquet")
@@ -63,8 +61,6 @@ class ParquetSource:
         self.paths = expand(paths, "from_parquet")
         self.columns = columns
         self.cache_blocks = positive_int("cache_blocks", cache_blocks)
-        self.timeout = positive_number("timeout", timeout, allow_none=True)
-        self.retries = non_negative_int("retries", retries)
         self._files: OrderedDict[int, Any] = OrderedDict()  # a few open files, most recent last
         blocks = [(f, rg, n) for f in range(len(self.paths)) for rg, n in self._row_groups(f)]
         self._block_file = np.array([b[0] for b in blocks], dtype=np.int64)

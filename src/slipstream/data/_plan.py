@@ -71,9 +71,6 @@ def order_of(source: Any, specs: list[Spec], order: OrderSpec) -> tuple[OrderSpe
             blocks = source.block_sizes
             if window is None and blocks is not None and len(blocks):
                 window = _PARQUET_WINDOW_BLOCKS * max(1, int(np.mean(blocks)))
-            if blocks is not None and hasattr(source, "cache_blocks") and window is not None:
-                per_window = round(window / max(1.0, float(np.mean(blocks))))
-                source.cache_blocks = max(source.cache_blocks, per_window + 2)
             rest = specs[:i] + specs[i + 1 :]
             return replace(order, shuffle=True, seed=spec.seed, window=window), rest
     return order, specs
@@ -82,10 +79,20 @@ def order_of(source: Any, specs: list[Spec], order: OrderSpec) -> tuple[OrderSpe
 def build(source: Any, specs: list[Spec], order: OrderSpec, timeout: float | None) -> Node:
     """The node chain for one pass; ``specs`` are in the order the user chained them."""
     order, specs = order_of(source, specs, order)
+    _fit_cache(source, order)
     node, i = _source_node(source, specs, order, timeout)
     while i < len(specs):
         node, i = _stage(node, specs, i)
     return node
+
+
+def _fit_cache(source: Any, order: OrderSpec) -> None:
+    """A block source caches a whole shuffle window (and a little more), so every block is read
+    once per epoch."""
+    blocks = getattr(source, "block_sizes", None)
+    if order.shuffle and order.window is not None and blocks is not None and len(blocks):
+        per_window = round(order.window / max(1.0, float(np.mean(blocks))))
+        source.cache_blocks = max(source.cache_blocks, per_window + 2)
 
 
 def _fused_batch(specs: list[Spec], i: int) -> BatchSpec | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,6 +42,14 @@ class OrderSpec:
 
     def key(self, ctx: Ctx) -> int:
         return mix64(ctx.seed if self.seed is None else self.seed, ctx.epoch)
+
+
+def _read_ahead(node: Any, pump: Pump, what: Callable[[], str]) -> Any:
+    """The next thing the node's reader thread produced, within the read deadline."""
+    try:
+        return pump.channel.get(node.timeout or node.ctx.stall_timeout, pump.alive, what)
+    except StallError as e:
+        raise SourceTimeoutError(f"{node.name}: {e}; raise timeout= or check the storage") from e
 
 
 @dataclass(slots=True)
@@ -116,16 +124,8 @@ class RandomSourceNode(Node):
     def _unit(self) -> _Unit:
         if self._pump is None:
             return self._read_unit()
-        pump = self._pump
-        try:
-            unit: _Unit = pump.channel.get(
-                self.timeout or self.ctx.stall_timeout, pump.alive, self._what
-            )
-            return unit
-        except StallError as e:
-            raise SourceTimeoutError(
-                f"{self.name}: {e}; raise timeout= or check the storage"
-            ) from e
+        unit: _Unit = _read_ahead(self, self._pump, self._what)
+        return unit
 
     def _what(self) -> str:
         idx = self._reading
@@ -144,12 +144,11 @@ class RandomSourceNode(Node):
         if self.emit == "batches":
             u = self._unit()
             return Item(u.value, u.end, int(u.indices[0]), u.indices.tolist())
-        if not self._pending:
-            u = self._unit()
-            first = u.end - len(u.indices)
-            for j, idx in enumerate(u.indices.tolist()):
-                value = None if u.value is None else take(u.value, j)
-                self._pending.append(Item(value, first + j + 1, idx))
+        u = self._unit()  # next() serves what is pending; here a new unit is needed
+        first = u.end - len(u.indices)
+        for j, idx in enumerate(u.indices.tolist()):
+            value = None if u.value is None else take(u.value, j)
+            self._pending.append(Item(value, first + j + 1, idx))
         return self._pending.popleft()
 
     def depth(self) -> tuple[int, int]:
@@ -214,15 +213,7 @@ class SequentialSourceNode(Node):
 
     def _next(self) -> Item:
         assert self._pump is not None
-        pump = self._pump
-        try:
-            item: Item = pump.channel.get(
-                self.timeout or self.ctx.stall_timeout, pump.alive, lambda: f"{self.name}"
-            )
-        except StallError as e:
-            raise SourceTimeoutError(
-                f"{self.name}: {e}; raise timeout= or check the storage"
-            ) from e
+        item: Item = _read_ahead(self, self._pump, lambda: self.name)
         return item
 
     def depth(self) -> tuple[int, int]:
