@@ -4,8 +4,10 @@
 >>> pipe = ss.from_arrays({"x": x, "y": y}).shuffle(seed=0).map(augment).batch(256).prefetch(4)
 """
 
+from slipstream import metrics
 from slipstream._core.errors import (
     ArgumentError,
+    CheckpointError,
     CorruptDataError,
     LifecycleError,
     MissingExtraError,
@@ -17,6 +19,7 @@ from slipstream._core.errors import (
     StallError,
     StateError,
     TooManySkippedError,
+    TrainingError,
     WorkerDiedError,
 )
 from slipstream._core.stats import PipelineStats, StageStats
@@ -31,17 +34,41 @@ from slipstream.data import (
     sample_rng,
     sample_seed,
 )
+from slipstream.train import (
+    DDP,
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    History,
+    Hogwild,
+    LocalSGD,
+    NonFiniteGuard,
+    Single,
+    Timeout,
+    Trainer,
+    load_weights,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DDP",
     "ArgumentError",
+    "Callback",
+    "Checkpoint",
+    "CheckpointError",
     "CorruptDataError",
+    "EarlyStopping",
+    "History",
+    "Hogwild",
     "LifecycleError",
+    "LocalSGD",
     "MissingExtraError",
+    "NonFiniteGuard",
     "Pipeline",
     "PipelineError",
     "PipelineStats",
+    "Single",
     "SlipstreamError",
     "SourceError",
     "SourceTimeoutError",
@@ -49,7 +76,10 @@ __all__ = [
     "StageStats",
     "StallError",
     "StateError",
+    "Timeout",
     "TooManySkippedError",
+    "Trainer",
+    "TrainingError",
     "WorkerDiedError",
     "from_arrays",
     "from_files",
@@ -57,6 +87,8 @@ __all__ = [
     "from_numpy",
     "from_parquet",
     "from_tar",
+    "load_weights",
+    "metrics",
     "sample_rng",
     "sample_seed",
 ]

@@ -65,3 +65,11 @@ class WorkerDiedError(PipelineError):
 
 class StallError(PipelineError, TimeoutError):
     """A stage made no progress within its deadline; the message says what it waited for."""
+
+
+class CheckpointError(SlipstreamError, ValueError):
+    """A checkpoint is missing, incomplete, unsafe to load or does not fit the model."""
+
+
+class TrainingError(SlipstreamError, RuntimeError):
+    """Training stopped on a failure; the message names the process (rank, worker) and cause."""

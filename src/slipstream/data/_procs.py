@@ -13,7 +13,6 @@ watches the workers' sentinels; ``close`` is called from the consumer's thread.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import multiprocessing as mp
 import multiprocessing.connection as mpc
@@ -29,6 +28,7 @@ import torch
 
 from slipstream._core import shm
 from slipstream._core.errors import ArgumentError, WorkerDiedError
+from slipstream._core.procs import die_with_parent, how_it_ended, stop_process
 from slipstream._core.stats import Meter, now
 from slipstream.data._node import CLOSE_S, POLL_S, Ctx, Item
 from slipstream.data._parallel import MapWork, format_remote
@@ -51,17 +51,6 @@ class ProcessOptions:
 class _RemoteTraceback(Exception):
     def __str__(self) -> str:
         return f"\n\nthe error happened in a worker process:\n{self.args[0]}"
-
-
-def _die_with_parent(parent: int | None) -> None:
-    """Die with the parent: at once on Linux (``PR_SET_PDEATHSIG``); elsewhere, and under a
-    forkserver (whose children have the forkserver as parent), the closed pipe ends the loop."""
-    if parent is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _run_chunk(msg: tuple[Any, ...], work: MapWork, arena: WorkerArena | None) -> list[Any]:
@@ -96,7 +85,7 @@ def _worker_main(
     work: MapWork,
     threads: int,
 ) -> None:
-    _die_with_parent(parent)
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides how to stop
     torch.set_num_threads(threads)
     arena = None if arena_name is None else WorkerArena(arena_name, arena_bytes)
@@ -275,12 +264,7 @@ class ProcessPool:
 
     def _died(self, w: _Worker) -> None:
         w.proc.join(1.0)
-        code = w.proc.exitcode
-        how = (
-            f"was killed by {signal.Signals(-code).name}"
-            if code is not None and code < 0
-            else f"exited with code {code}"
-        )
+        how = how_it_ended(w.proc.exitcode)
         with self._cond:
             keys = [it.key for _, entries in w.tasks.values() for _, it in entries]
             self._failure = WorkerDiedError(
@@ -301,23 +285,13 @@ class ProcessPool:
             with contextlib.suppress(BrokenPipeError, OSError):
                 w.inbox.send(None)
         for w in getattr(self, "_workers", []):
-            _stop(w.proc)
+            stop_process(w.proc, CLOSE_S)  # a worker busy in a long call is terminated
             w.inbox.close()
             w.outbox.close()
         collector = getattr(self, "_collector", None)
         if collector is not None and collector is not threading.current_thread():
             collector.join(CLOSE_S)
         self._owner.close()
-
-
-def _stop(proc: Any) -> None:
-    proc.join(CLOSE_S)  # asked to stop; a worker busy in a long call is terminated
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(2.0)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(2.0)
 
 
 def _remote_err(out: tuple[str, Any, str, int | None]) -> Err:

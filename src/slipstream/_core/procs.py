@@ -1,0 +1,38 @@
+"""Owned child processes: dying with the parent, stopping in time, saying how one ended."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+from typing import Any
+
+
+def die_with_parent(parent: int | None) -> None:
+    """Die with the parent: at once on Linux (``PR_SET_PDEATHSIG``); elsewhere, and under a
+    forkserver (whose children have the forkserver as parent), the closed pipe ends the loop."""
+    if parent is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def stop_process(proc: Any, grace: float) -> None:
+    """Wait ``grace`` seconds for ``proc`` (asked to stop) to exit; then terminate, then kill."""
+    proc.join(grace)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(2.0)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(2.0)
+
+
+def how_it_ended(exitcode: int | None) -> str:
+    """``"was killed by SIGKILL"`` or ``"exited with code 3"``."""
+    if exitcode is not None and exitcode < 0:
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    return f"exited with code {exitcode}"

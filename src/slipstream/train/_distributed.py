@@ -1,0 +1,324 @@
+"""``ddp`` and ``localsgd``: one training process per rank on torch.distributed.
+
+Launch: inside an initialised process group, under ``torchrun`` (``RANK``/``WORLD_SIZE``),
+``mpirun`` (``OMPI_COMM_WORLD_*``, ``PMI_*``) or ``srun`` (``SLURM_*``) the current process is
+one rank; otherwise slipstream forks ``workers`` ranks on this machine (gloo on CPU, nccl on
+GPU) and the caller's model receives rank 0's final weights.
+
+Ranks agree before every step (``ddp``) or every ``sync_every`` updates (``localsgd``) on
+whether to go on, so a rank out of data or told to stop never leaves its peers waiting in a
+collective. Only rank 0 writes checkpoints; every rank reads them on resume.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from slipstream._core.checks import positive_int, positive_number
+from slipstream._core.errors import ArgumentError
+from slipstream.train._fit import Fit, FitPlan, History, evaluate_sums
+from slipstream.train._group import Group
+from slipstream.train._precision import Compiled
+from slipstream.train._strategies import Local, describe, deterministic, prepare_module
+
+if TYPE_CHECKING:
+    from slipstream.train._trainer import Trainer
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where this process sits, read from its launcher's environment."""
+
+    launcher: str
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    addr: str
+    port: int
+
+
+def cluster_from_env(env: Mapping[str, str] = os.environ) -> Cluster | None:
+    """This process's rank and peers under torchrun, mpirun or srun; ``None`` when launched
+    alone."""
+    for launcher, rank, world, local, local_world in (
+        ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+        (
+            "mpirun",
+            "OMPI_COMM_WORLD_RANK",
+            "OMPI_COMM_WORLD_SIZE",
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "OMPI_COMM_WORLD_LOCAL_SIZE",
+        ),
+        ("mpirun", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+        ("srun", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+    ):
+        if rank in env and world in env:
+            return _cluster(env, launcher, rank, world, local, local_world)
+    return None
+
+
+def _cluster(env: Mapping[str, str], launcher: str, *keys: str) -> Cluster:
+    rank, world, local, local_world = (int(env.get(k, "0").split("(")[0] or 0) for k in keys)
+    addr = env.get("MASTER_ADDR") or env.get("SLURM_LAUNCH_NODE_IPADDR")
+    if not addr:
+        raise ArgumentError(
+            f"launched by {launcher} (rank {rank} of {world}) but MASTER_ADDR is not set; "
+            "export MASTER_ADDR (the address of rank 0's machine) and MASTER_PORT"
+        )
+    port = int(env.get("MASTER_PORT", "29500"))
+    return Cluster(launcher, rank, world, local, local_world or world, addr, port)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Ranked:
+    """Launching and the rank bookkeeping shared by ``DDP`` and ``LocalSGD``."""
+
+    name = "ranked"
+
+    def __init__(self, workers: int = 2, *, backend: str | None = None, timeout: float = 60.0):
+        self.workers = positive_int("workers", workers)
+        self.backend = backend
+        self.timeout = float(timeout)
+        positive_number("timeout", timeout)
+        self.rank, self.world, self.threads = 0, self.workers, 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self, trainer: Trainer) -> dict[str, Any]:
+        info = describe(self, trainer, self.threads)
+        info["workers"] = self.world
+        return info
+
+    def _backend(self, trainer: Trainer) -> str:
+        return self.backend or ("nccl" if trainer.device.type == "cuda" else "gloo")
+
+    def launch(self, trainer: Trainer, plan: FitPlan) -> History:
+        if dist.is_available() and dist.is_initialized():
+            return self._run(trainer, plan, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        cluster = cluster_from_env()
+        if cluster is None:
+            return self._spawn(trainer, plan)
+        self._init(
+            trainer,
+            f"tcp://{cluster.addr}:{cluster.port}",
+            cluster.rank,
+            cluster.world,
+            cluster.local_rank,
+        )
+        try:
+            return self._run(trainer, plan, cluster.local_world)
+        finally:
+            dist.destroy_process_group()
+
+    def _init(self, trainer: Trainer, url: str, rank: int, world: int, local_rank: int) -> None:
+        if trainer.device.type == "cuda":
+            trainer.device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        dist.init_process_group(
+            self._backend(trainer),
+            init_method=url,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=self.timeout),
+        )
+
+    def _spawn(self, trainer: Trainer, plan: FitPlan) -> History:
+        url = f"tcp://127.0.0.1:{free_port()}"
+        n = self.workers
+
+        def rank_main(rank: int, conn: Any) -> Any:
+            self._init(trainer, url, rank, n, rank)
+            try:
+                history = self._run(trainer, plan, n)
+                weights = {k: v.cpu() for k, v in trainer.model.state_dict().items()}
+                return (history.as_dict(), weights) if rank == 0 else None
+            finally:
+                dist.destroy_process_group()
+
+        group = Group(f"{self.name} rank", n, rank_main)
+        try:
+            results: dict[int, Any] = {}
+            while len(results) < n:
+                got = group.recv(timeout=None)  # wakes on a result, an error or a death
+                if got is not None:
+                    results[got[0]] = got[1][1]
+        finally:
+            group.close(grace=5.0)
+        history, weights = results[0]
+        trainer.model.load_state_dict(weights)
+        return History(**history)
+
+    def _run(self, trainer: Trainer, plan: FitPlan, local_world: int) -> History:
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.threads = trainer.set_threads(local_world)
+        prepare_module(trainer)
+        self.inner = trainer.module
+        self._wrap(trainer)
+        self.local = Local(trainer, plan.train, scale_loss=self._loss_scale())
+        with deterministic(trainer.deterministic):
+            return Fit(trainer, plan, self).run()
+
+    def _wrap(self, trainer: Trainer) -> None:
+        """Wrap the module for this strategy (DDP does); called once per rank."""
+
+    def train_epoch(self, fit: Fit) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _loss_scale(self) -> float:
+        return 1.0
+
+    def _agree(self, fit: Fit, more: bool) -> bool:
+        """Every rank goes on only if every rank has a batch and none was told to stop."""
+        flags = torch.tensor([int(not more), int(fit.stopping)], device=self._comm_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # blocks until every rank asks
+        if int(flags[1]) and not fit.stopping:
+            fit.stop("another rank stopped the run")
+        return not bool(flags.any())
+
+    def _comm_device(self) -> torch.device:
+        return self.inner_device
+
+    @property
+    def inner_device(self) -> torch.device:
+        return next(self.inner.parameters()).device
+
+    def _reduce(self, packed: torch.Tensor) -> torch.Tensor:
+        t = packed.to(self._comm_device())
+        dist.all_reduce(t)  # blocks: sums figures over ranks
+        return t.cpu()
+
+    def evaluate(self, fit: Fit, pipe: Iterable[Any]) -> dict[str, float]:
+        trainer = fit.trainer
+        module, trainer.module = trainer.module, self.inner  # no collectives in eval forwards
+        try:
+            averages = evaluate_sums(trainer, pipe)
+        finally:
+            trainer.module = module
+        return averages.result(self._reduce(averages.packed()))
+
+    def state_dict(self, fit: Fit) -> dict[str, Any]:
+        return self.local.state_dict()
+
+    def load_state_dict(self, fit: Fit, state: dict[str, Any]) -> None:
+        self.local.load_state_dict(fit, state)
+
+
+class DDP(_Ranked):
+    """Synchronous data parallel: gradients all-reduced every step by DistributedDataParallel.
+
+    ``workers`` ranks when slipstream spawns them; under a launcher the launcher's world.
+    ``timeout``: seconds a collective may wait for a peer before failing the run.
+    """
+
+    name = "ddp"
+
+    def __init__(
+        self,
+        workers: int = 2,
+        *,
+        backend: str | None = None,
+        timeout: float = 60.0,
+        find_unused_parameters: bool = False,
+    ) -> None:
+        super().__init__(workers, backend=backend, timeout=timeout)
+        self.find_unused = find_unused_parameters
+        self.gradient_allreduces = 0
+
+    def _wrap(self, trainer: Trainer) -> None:
+        ids = [trainer.device.index] if trainer.device.type == "cuda" else None
+        model = trainer.model
+        ddp = DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=self.find_unused
+        )
+        ddp.register_comm_hook(self, _counting_allreduce)
+        trainer.module = Compiled(ddp) if trainer.compile else ddp
+
+    def train_epoch(self, fit: Fit) -> dict[str, float]:
+        averages = self.local.epoch(fit, lambda more: self._agree(fit, more), fit.after_update)
+        return averages.result(self._reduce(averages.packed()))
+
+
+def _counting_allreduce(state: DDP, bucket):  # type: ignore[no-untyped-def]
+    # DDP checks that ``bucket`` is unannotated or annotated with the class itself
+    state.gradient_allreduces += 1
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    return allreduce_hook(dist.group.WORLD, bucket)  # type: ignore[arg-type]
+
+
+class LocalSGD(_Ranked):
+    """Each rank steps alone; parameters are averaged every ``sync_every`` updates.
+
+    The average is an all-reduce started without waiting: the ranks take their next
+    ``sync_every`` steps while it runs, and apply it (plus their progress since) at the next sync.
+    With ``outer_lr`` the averaged change drives an outer SGD with Nesterov momentum
+    (``outer_momentum``), as DiLoCo does; without it the average is taken as it is.
+    """
+
+    name = "localsgd"
+
+    def __init__(
+        self,
+        workers: int = 2,
+        *,
+        sync_every: int = 8,
+        outer_lr: float | None = None,
+        outer_momentum: float = 0.9,
+        backend: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        super().__init__(workers, backend=backend, timeout=timeout)
+        self.sync_every = positive_int("sync_every", sync_every)
+        self.outer_lr = positive_number("outer_lr", outer_lr, allow_none=True)
+        if not 0.0 <= float(outer_momentum) < 1.0:
+            raise ArgumentError(f"`outer_momentum={outer_momentum!r}` must be in [0, 1)")
+        self.outer_momentum = float(outer_momentum)
+        self.param_allreduces = 0
+        self.since_sync = 0
+
+    def _wrap(self, trainer: Trainer) -> None:
+        from slipstream.train._averaging import Averager
+
+        self.averager = Averager(
+            list(trainer.model.parameters()), self.outer_lr, self.outer_momentum
+        )
+
+    def train_epoch(self, fit: Fit) -> dict[str, float]:
+        def proceed(more: bool) -> bool:
+            if not more or self.since_sync >= self.sync_every:
+                return self._sync_point(fit, more)
+            return not fit.stopping
+
+        averages = self.local.epoch(fit, proceed, lambda: self._updated(fit))
+        self.averager.finish()  # blocks: every rank leaves the epoch with the same weights
+        self.param_allreduces += 1
+        self.since_sync = 0
+        return averages.result(self._reduce(averages.packed()))
+
+    def _updated(self, fit: Fit) -> None:
+        self.since_sync += 1
+        fit.after_update()
+
+    def _sync_point(self, fit: Fit, more: bool) -> bool:
+        go_on = self._agree(fit, more)
+        if go_on:
+            self.averager.sync()  # starts the next average, applies the previous one
+            self.param_allreduces += 1
+            self.since_sync = 0
+        return go_on
