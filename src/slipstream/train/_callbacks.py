@@ -117,7 +117,7 @@ class EarlyStopping(Callback):
                 self.weights = {k: v.detach().clone() for k, v in fit.weights().items()}
         else:
             self.waited += 1
-            if self.waited > self.patience:
+            if self.waited >= self.patience:
                 fit.stop(
                     f"EarlyStopping: {self.best.monitor} did not improve for "
                     f"{self.patience} epochs (best {self.best.value:.6g})"

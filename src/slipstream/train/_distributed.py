@@ -183,13 +183,11 @@ class _Ranked:
     def _loss_scale(self) -> float:
         return 1.0
 
-    def _agree(self, fit: Fit, more: bool) -> bool:
-        """Every rank goes on only if every rank has a batch and none was told to stop."""
-        flags = torch.tensor([int(not more), int(fit.stopping)], device=self._comm_device())
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # blocks until every rank asks
-        if int(flags[1]) and not fit.stopping:
-            fit.stop("another rank stopped the run")
-        return not bool(flags.any())
+    def _any(self, flag: bool) -> bool:
+        """Whether any rank's ``flag`` is set (a collective every rank makes)."""
+        t = torch.tensor([int(flag)], device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # blocks until every rank asks
+        return bool(t.item())
 
     def _comm_device(self) -> torch.device:
         return self.inner_device
@@ -250,8 +248,52 @@ class DDP(_Ranked):
         trainer.module = Compiled(ddp) if trainer.compile else ddp
 
     def train_epoch(self, fit: Fit) -> dict[str, float]:
-        averages = self.local.epoch(fit, lambda more: self._agree(fit, more), fit.after_update)
+        averages = self.local.epoch(fit, Together(self, fit), fit.after_update)
         return averages.result(self._reduce(averages.packed()))
+
+
+class Together:
+    """Ranks decide every step together: whether any was told to stop (before fetching, so a
+    stopped rank's pipeline still points at the batch it did not train on), then whether any
+    is out of data."""
+
+    def __init__(self, strategy: _Ranked, fit: Fit) -> None:
+        self.s, self.fit = strategy, fit
+
+    def before(self) -> bool:
+        if self.s._any(self.fit.stopping):
+            self.fit.stop("another rank stopped the run")  # no-op on the rank that did
+            return False
+        return True
+
+    def after(self, has_batch: bool) -> bool:
+        return not self.s._any(not has_batch)
+
+
+class Periodic:
+    """``localsgd`` ranks decide together only at sync points; a rank told to stop or out of
+    data joins its peers' next sync point to tell them."""
+
+    def __init__(self, strategy: LocalSGD, fit: Fit) -> None:
+        self.s, self.fit, self.together = strategy, fit, Together(strategy, fit)
+
+    def _due(self) -> bool:
+        return self.s.since_sync >= self.s.sync_every
+
+    def before(self) -> bool:
+        return self.together.before() if self._due() or self.fit.stopping else True
+
+    def after(self, has_batch: bool) -> bool:
+        if not self._due():
+            if has_batch:
+                return True
+            self.together.before()  # the pair of collectives the peers make at a sync point
+        if not self.together.after(has_batch):
+            return False
+        self.s.averager.sync()  # starts the next average, applies the previous one
+        self.s.param_allreduces += 1
+        self.s.since_sync = 0
+        return True
 
 
 def _counting_allreduce(state: DDP, bucket):  # type: ignore[no-untyped-def]
@@ -300,12 +342,7 @@ class LocalSGD(_Ranked):
         )
 
     def train_epoch(self, fit: Fit) -> dict[str, float]:
-        def proceed(more: bool) -> bool:
-            if not more or self.since_sync >= self.sync_every:
-                return self._sync_point(fit, more)
-            return not fit.stopping
-
-        averages = self.local.epoch(fit, proceed, lambda: self._updated(fit))
+        averages = self.local.epoch(fit, Periodic(self, fit), lambda: self._updated(fit))
         self.averager.finish()  # blocks: every rank leaves the epoch with the same weights
         self.param_allreduces += 1
         self.since_sync = 0
@@ -314,11 +351,3 @@ class LocalSGD(_Ranked):
     def _updated(self, fit: Fit) -> None:
         self.since_sync += 1
         fit.after_update()
-
-    def _sync_point(self, fit: Fit, more: bool) -> bool:
-        go_on = self._agree(fit, more)
-        if go_on:
-            self.averager.sync()  # starts the next average, applies the previous one
-            self.param_allreduces += 1
-            self.since_sync = 0
-        return go_on

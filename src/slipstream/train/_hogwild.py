@@ -213,7 +213,7 @@ class _Worker:
 
     def epoch(self, epoch: int) -> None:
         self.fit.epoch, self.fit.stopping, self.fit.stopped_by = epoch, False, ""
-        averages = self.local.epoch(self.fit, self.proceed, self.count)  # type: ignore[arg-type]
+        averages = self.local.epoch(self.fit, self, self.count)  # type: ignore[arg-type]
         sums = pack((list(averages.sums), averages.packed()))
         self.conn.send(("epoch_done", sums, self.fit.stopped_by))
 
@@ -223,11 +223,15 @@ class _Worker:
         if sum(counts) >= self.s.next_sync.value:
             self.s.pause.value = 1
 
-    def proceed(self, more: bool) -> bool:
+    def before(self) -> bool:
+        """A step boundary: pause here when the parent asked for it."""
         if self.s.pause.value and not self.fit.stopping:
             self.conn.send(("paused", None))
             self.paused()
-        return more and not self.fit.stopping
+        return not self.fit.stopping
+
+    def after(self, has_batch: bool) -> bool:
+        return has_batch
 
     def paused(self) -> None:
         """Serve the parent (state for a checkpoint) until it says go on or stop."""

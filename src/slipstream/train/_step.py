@@ -11,7 +11,7 @@ Blocking calls are marked: on a GPU they are where the host waits for the device
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -129,21 +129,43 @@ def run_epoch(
     stepper: Stepper,
     batches: Iterable[Any],
     fit: Any,
-    proceed: Callable[[bool], bool],
+    gate: Gate,
     updated: Callable[[], None],
 ) -> None:
-    """One pass: ``proceed(has_batch)`` may end it early (a stop, a peer rank out of data);
-    ``updated()`` runs after each optimizer update (callbacks, sync). A stopped pass leaves a
-    partial accumulation and an epoch-wise schedule alone."""
+    """One pass. ``gate.before()`` may end it before the next batch is fetched (a stop: the
+    pipeline's position then still points at that batch); ``gate.after(has_batch)`` may end it
+    once fetched (a peer rank out of data); ``updated()`` runs after each optimizer update. A
+    stopped pass leaves a partial accumulation and an epoch-wise schedule alone."""
     it = iter(batches)
-    while True:
+    while gate.before():
         batch = next(it, _END)  # blocks until the pipeline delivers (input stall)
-        if not proceed(batch is not _END):
+        if not gate.after(batch is not _END):
             break
         if stepper.step(batch, fit):
             updated()
     if not fit.stopping and stepper.end_epoch():
         updated()
+
+
+class Gate(Protocol):
+    """Whether a training process takes another step (strategies decide together or alone)."""
+
+    def before(self) -> bool: ...
+
+    def after(self, has_batch: bool) -> bool: ...
+
+
+class Alone:
+    """A process that decides alone: go on until stopped or out of data."""
+
+    def __init__(self, fit: Any) -> None:
+        self.fit = fit
+
+    def before(self) -> bool:
+        return not self.fit.stopping
+
+    def after(self, has_batch: bool) -> bool:
+        return has_batch
 
 
 def _overrides(obj: object, hook: str) -> bool:

@@ -8,7 +8,7 @@ it never asks which strategy it holds. ``single`` lives here; ``ddp`` and ``loca
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -18,7 +18,7 @@ from slipstream._core.errors import ArgumentError
 from slipstream.train._fit import Fit, FitPlan, History, evaluate_sums
 from slipstream.train._metrics import Averages
 from slipstream.train._precision import Compiled
-from slipstream.train._step import Stepper, run_epoch
+from slipstream.train._step import Alone, Gate, Stepper, run_epoch
 
 if TYPE_CHECKING:
     from slipstream.train._trainer import Trainer
@@ -92,11 +92,13 @@ class Local:
         self.pipe = pipe
         self.consumed = False
 
-    def epoch(self, fit: Fit, proceed: Any, updated: Any) -> Averages:
+    def epoch(self, fit: Fit, gate: Gate, updated: Callable[[], None]) -> Averages:
         batches = epoch_batches(self.pipe, fit.epoch, self.consumed)
         self.consumed = False
-        run_epoch(self.stepper, batches, fit, proceed, updated)
-        averages, self.stepper.averages = self.stepper.averages, Averages()
+        run_epoch(self.stepper, batches, fit, gate, updated)
+        averages = self.stepper.averages
+        if not fit.stopping:  # a stopped epoch's figures go into its checkpoint
+            self.stepper.averages = Averages()
         return averages
 
     def state_dict(self) -> dict[str, Any]:
@@ -130,9 +132,7 @@ class Single:
             return Fit(trainer, plan, self).run()
 
     def train_epoch(self, fit: Fit) -> dict[str, float]:
-        return self.local.epoch(
-            fit, lambda more: more and not fit.stopping, fit.after_update
-        ).result()
+        return self.local.epoch(fit, Alone(fit), fit.after_update).result()
 
     def evaluate(self, fit: Fit, pipe: Iterable[Any]) -> dict[str, float]:
         return evaluate_sums(fit.trainer, pipe).result()
