@@ -59,7 +59,7 @@ def test_a_pickle_payload_is_refused(tmp_path: Path) -> None:
     trainer(callbacks=[ss.Checkpoint(tmp_path)]).fit(pipes(n=64)[0])
     target = tmp_path / (tmp_path / "latest").read_text().strip() / "state.pt"
     torch.save({"payload": Evil()}, target)
-    with pytest.raises(ss.CheckpointError, match="pickled Python object.*refuses"):
+    with pytest.raises(ss.CheckpointError, match=r"pickled Python object.*refuses"):
         trainer(callbacks=[ss.Checkpoint(tmp_path)]).fit(pipes(n=64)[0], resume=tmp_path)
 
 
@@ -72,7 +72,7 @@ def test_load_weights_checks_the_architecture(tmp_path: Path) -> None:
     t = trainer(callbacks=[ss.Checkpoint(tmp_path)])
     t.fit(pipes(n=64)[0])
     assert same_weights(ss.load_weights(tmp_path, cnn(seed=9)), t.model)
-    with pytest.raises(ss.CheckpointError, match="do not fit this model.*missing"):
+    with pytest.raises(ss.CheckpointError, match=r"do not fit this model.*missing"):
         ss.load_weights(tmp_path, torch.nn.Linear(3, 3))
     with pytest.raises(ss.CheckpointError, match="neither a checkpoint"):
         ss.load_weights(tmp_path / "nowhere", cnn())
@@ -145,7 +145,8 @@ WRITER = r"""
 import sys
 import slipstream as ss
 from tests.train.helpers import pipes, trainer
-trainer(callbacks=[ss.Checkpoint(sys.argv[1], every_steps=1, keep=2)]).fit(pipes(batch=4)[0], epochs=50)
+every_step = ss.Checkpoint(sys.argv[1], every_steps=1, keep=2)
+trainer(callbacks=[every_step]).fit(pipes(batch=4)[0], epochs=50)
 """
 
 

@@ -175,5 +175,5 @@ def test_bad_fit_arguments_and_batches() -> None:
         trainer().fit(pipes()[0], epochs=0)
     with pytest.raises(ss.ArgumentError, match=r"inputs from targets.*'a'.*Trainer.split"):
         trainer().fit([{"a": torch.zeros(2, 1, 8, 8)}])
-    with pytest.raises(ss.ArgumentError, match="must be a torch.nn.Module or a Keras 3 model"):
+    with pytest.raises(ss.ArgumentError, match=r"must be a torch\.nn\.Module or a Keras 3 model"):
         ss.Trainer(object(), optimizer=lambda p: None, loss=F.cross_entropy)

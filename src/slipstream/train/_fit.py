@@ -182,9 +182,9 @@ class Fit:
 
     def restore(self, where: Path) -> None:
         """Continue from the checkpoint at ``where`` (a run directory or one checkpoint)."""
-        if not (where / "latest").exists() and not (where / ckpt.WEIGHTS).exists():
-            if not where.exists() or where.is_dir():
-                return  # nothing saved there yet: a fresh start (the first run of a script)
+        saved = (where / "latest").exists() or (where / ckpt.WEIGHTS).exists()
+        if not saved and (not where.exists() or where.is_dir()):
+            return  # nothing saved there yet: a fresh start (the first run of a script)
         loaded = ckpt.read(where)
         self._check_compatible(loaded)
         ckpt.apply_weights(self.trainer.model, loaded.weights, str(loaded.path))

@@ -15,6 +15,7 @@ a pause, by a worker). Commands and replies travel on each worker's pipe.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import time
 from collections.abc import Iterable
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from slipstream._core.checks import positive_int
-from slipstream._core.errors import ArgumentError, CheckpointError, LifecycleError
+from slipstream._core.errors import ArgumentError, CheckpointError, LifecycleError, TrainingError
 from slipstream.train._fit import Fit, FitPlan, History, cpu_count, evaluate_sums
 from slipstream.train._group import Group, pack, unpack
 from slipstream.train._metrics import means
@@ -93,15 +94,13 @@ class Hogwild:
             self._shut_down()
 
     def _shut_down(self) -> None:
-        try:
+        """Ask the workers to exit, then reap them; a failure here never hides the run's own."""
+        with contextlib.suppress(TrainingError, OSError, EOFError):
             self.group.broadcast(("exit",))
             deadline = time.monotonic() + 10.0
             while len(self.group.exited) < self.workers and time.monotonic() < deadline:
                 self.group.recv(deadline - time.monotonic())
-        except (BrokenPipeError, OSError):
-            pass  # a worker already gone: close() reaps it
-        finally:
-            self.group.close(grace=2.0)
+        self.group.close(grace=2.0)
 
     def _request(self, msg: tuple[Any, ...], expect: str) -> list[Any]:
         """Send ``msg`` to every worker and collect one ``expect`` reply from each."""

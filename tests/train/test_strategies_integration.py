@@ -1,0 +1,185 @@
+"""DDP, Hogwild and local SGD with real processes: parity, crashes, resume, two "machines"."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slipstream as ss
+from tests.train.helpers import cnn, digits, pipes, trainer
+
+pytestmark = pytest.mark.integration
+
+
+def test_ddp_on_two_ranks_equals_single_with_twice_the_batch() -> None:
+    single = trainer(optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    single.fit(pipes(batch=64, n=1024)[0], epochs=2)
+    ddp = trainer(optimizer=lambda p: torch.optim.SGD(p, lr=0.1), strategy="ddp", workers=2)
+    history = ddp.fit(pipes(batch=32, n=1024)[0], epochs=2)
+    assert history.config["strategy"] == "ddp" and history.config["workers"] == 2
+    assert history.steps == 32
+    for a, b in zip(single.model.parameters(), ddp.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_ddp_metrics_are_reduced_over_ranks() -> None:
+    train, test = pipes()
+    history = trainer(strategy="ddp", workers=2).fit(train, val=test, epochs=2)
+    single = trainer().evaluate(pipes()[1])  # the untrained model, for scale
+    assert history["val_acc"][-1] > 0.85 > single["acc"]
+
+
+class Failing(ss.Callback):
+    def on_step_end(self, fit: Any) -> None:
+        if fit.step == 3 and torch.distributed.get_rank() == 1:
+            raise RuntimeError("rank one broke on purpose")
+
+
+def test_a_ddp_rank_that_raises_stops_every_rank_with_its_name() -> None:
+    start = time.monotonic()
+    with pytest.raises(ss.TrainingError, match=r"ddp rank 1 failed: RuntimeError: rank one broke"):
+        trainer(strategy="ddp", workers=2, callbacks=[Failing()]).fit(pipes()[0], epochs=3)
+    assert time.monotonic() - start < 60
+
+
+class Killing(ss.Callback):
+    def on_step_end(self, fit: Any) -> None:
+        if fit.step == 3 and torch.distributed.get_rank() == 0:
+            os.kill(os.getpid(), 9)
+
+
+def test_a_killed_ddp_rank_stops_every_rank_with_its_name() -> None:
+    start = time.monotonic()
+    with pytest.raises(ss.TrainingError, match=r"ddp rank 0 .* was killed by SIGKILL"):
+        trainer(strategy="ddp", workers=2, callbacks=[Killing()]).fit(pipes()[0], epochs=3)
+    assert time.monotonic() - start < 60
+
+
+def test_hogwild_trains_digits() -> None:
+    train, test = pipes()
+    t = trainer(strategy="hogwild", workers=2)
+    history = t.fit(train, val=test, epochs=5)
+    assert history["val_acc"][-1] > 0.85
+    assert history.config["threads"] == max(1, (os.cpu_count() or 1) // 2)
+    assert t.evaluate(test)["acc"] == pytest.approx(history["val_acc"][-1])  # shared weights
+
+
+class Crash(ss.Trainer):
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        if torch.get_num_threads() and os.getpid() != PARENT and batch[1][0] == 7:
+            raise ValueError("a worker met a seven")
+        return super().train_step(batch)
+
+
+PARENT = os.getpid()
+
+
+def test_a_hogwild_worker_error_stops_the_run_with_its_name() -> None:
+    t = Crash(
+        cnn(),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        loss=F.cross_entropy,
+        strategy="hogwild",
+        workers=2,
+    )
+    with pytest.raises(ss.TrainingError, match=r"hogwild worker \d failed: ValueError: a worker"):
+        t.fit(pipes()[0], epochs=2)
+
+
+class Recording(ss.Trainer):
+    log: Path
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        with open(self.log, "a") as f:
+            f.write(json.dumps(batch["i"].tolist()) + "\n")
+        return super().train_step(batch)
+
+
+def _indexed(n: int = 800) -> ss.Pipeline:
+    x, y = digits()
+    data = {"x": x[:n], "y": y[:n], "i": np.arange(n)}
+    return ss.from_arrays(data).shuffle(seed=1).batch(16)
+
+
+def test_hogwild_resume_repeats_and_skips_no_sample(tmp_path: Path) -> None:
+    def make() -> Recording:
+        t = Recording(
+            cnn(),
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.05),
+            loss=F.cross_entropy,
+            strategy=ss.Hogwild(workers=2, sync_every=5),
+            callbacks=[ss.Checkpoint(tmp_path / "run", every_steps=10)],
+        )
+        t.log = tmp_path / "seen.jsonl"
+        return t
+
+    first = make().fit(_indexed(), epochs=1, steps=22)
+    assert first.stopped_by == "steps" and first.steps >= 22
+    second = make().fit(_indexed(), epochs=1, resume=tmp_path / "run")
+    assert second.steps == 50
+    seen = [
+        i for line in (tmp_path / "seen.jsonl").read_text().splitlines() for i in json.loads(line)
+    ]
+    assert sorted(seen) == list(range(800))
+
+
+def test_localsgd_averages_every_k_steps_and_ends_in_agreement() -> None:
+    train, test = pipes()
+    strategy = ss.LocalSGD(workers=2, sync_every=4)
+    t = trainer(strategy=strategy)
+    history = t.fit(train, val=test, epochs=3)
+    assert history["val_acc"][-1] > 0.85
+    assert history.config["strategy"] == "localsgd"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+NODE = r"""
+import sys, torch
+import slipstream as ss
+from tests.train.helpers import pipes, trainer
+t = trainer(strategy="ddp", callbacks=[ss.Checkpoint(sys.argv[1])])
+history = t.fit(pipes()[0], val=pipes()[1], epochs=2)
+print("RESULT", history.config["workers"], history["val_acc"][-1], flush=True)
+"""
+
+
+def test_two_machines_on_loopback_train_together(tmp_path: Path) -> None:
+    script = tmp_path / "node.py"
+    script.write_text(NODE)
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=t",
+        str(script),
+        str(tmp_path / "run"),
+    ]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs
+    results = [line.split() for out in outs for line in out.splitlines() if "RESULT" in line]
+    assert len(results) == 2 and all(r[1] == "2" for r in results)
+    assert float(results[0][2]) == float(results[1][2]) > 0.85
+    assert ss.load_weights(tmp_path / "run", cnn()) is not None
