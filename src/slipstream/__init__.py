@@ -46,6 +46,7 @@ from slipstream.train import (
     Single,
     Timeout,
     Trainer,
+    fit_together,
     load_weights,
 )
 
@@ -81,6 +82,7 @@ __all__ = [
     "Trainer",
     "TrainingError",
     "WorkerDiedError",
+    "fit_together",
     "from_arrays",
     "from_files",
     "from_iterable",

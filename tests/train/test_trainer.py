@@ -177,3 +177,33 @@ def test_bad_fit_arguments_and_batches() -> None:
         trainer().fit([{"a": torch.zeros(2, 1, 8, 8)}])
     with pytest.raises(ss.ArgumentError, match=r"must be a torch\.nn\.Module or a Keras 3 model"):
         ss.Trainer(object(), optimizer=lambda p: None, loss=F.cross_entropy)
+
+
+def test_fit_together_trains_each_model_on_every_batch_read_once() -> None:
+    reads = []
+
+    def count(batch: object) -> object:
+        reads.append(1)
+        return batch
+
+    x, y = __import__("tests.train.helpers", fromlist=["digits"]).digits()
+    train = ss.from_arrays((x[:640], y[:640])).shuffle(seed=0).batch(32).map(count)
+    a, b = trainer(cnn(seed=1)), trainer(cnn(seed=2))
+    ha, hb = ss.fit_together([a, b], train, val=pipes()[1], epochs=2)
+    assert len(reads) == 40 and ha.steps == hb.steps == 40
+    solo = trainer(cnn(seed=1), threads=a.threads)
+    solo.fit(ss.from_arrays((x[:640], y[:640])).shuffle(seed=0).batch(32), epochs=2)
+    assert same_weights(solo.model, a.model)
+    assert ha["val_acc"][-1] > 0.8 and hb["val_acc"][-1] > 0.8
+
+
+def test_fit_together_lets_one_model_stop_early() -> None:
+    class StopAtOne(ss.Callback):
+        def on_epoch_end(self, fit: object, logs: dict[str, float]) -> None:
+            fit.stop("done")  # type: ignore[attr-defined]
+
+    a, b = trainer(callbacks=[StopAtOne()]), trainer()
+    ha, hb = ss.fit_together([a, b], pipes(n=320)[0], epochs=3)
+    assert len(ha.epochs) == 1 and len(hb.epochs) == 3
+    with pytest.raises(ss.ArgumentError, match="strategy='hogwild'"):
+        ss.fit_together([trainer(strategy="hogwild", workers=2)], pipes()[0])

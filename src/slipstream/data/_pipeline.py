@@ -220,6 +220,11 @@ class Pipeline:
         new_seed = self._state.seed if seed is None else non_negative_int("seed", seed)
         return self._with(stall_timeout=stall_timeout, timeout=timeout, seed=new_seed)
 
+    def copy(self) -> Pipeline:
+        """The same source and stages at the start of epoch 0, with a state of its own (to
+        read the same data from two places at once)."""
+        return self._with()
+
     # -- running --------------------------------------------------------------------------
 
     def _layout(self) -> OrderSpec:

@@ -6,6 +6,7 @@ from slipstream.train._distributed import DDP, LocalSGD
 from slipstream.train._fit import History
 from slipstream.train._hogwild import Hogwild
 from slipstream.train._strategies import Single
+from slipstream.train._together import fit_together
 from slipstream.train._trainer import Trainer
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "Single",
     "Timeout",
     "Trainer",
+    "fit_together",
     "load_weights",
 ]
