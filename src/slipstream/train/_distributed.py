@@ -96,6 +96,7 @@ class _Ranked:
         self.timeout = float(timeout)
         positive_number("timeout", timeout)
         self.rank, self.world, self.threads = 0, self.workers, 0
+        self.flag_allreduces = 0
 
     @property
     def is_main(self) -> bool:
@@ -104,7 +105,12 @@ class _Ranked:
     def describe(self, trainer: Trainer) -> dict[str, Any]:
         info = describe(self, trainer, self.threads)
         info["workers"] = self.world
+        info["allreduces"] = self.allreduces()
         return info
+
+    def allreduces(self) -> dict[str, int]:
+        """Collectives this rank made so far, by purpose."""
+        return {"flags": self.flag_allreduces}
 
     def _backend(self, trainer: Trainer) -> str:
         return self.backend or ("nccl" if trainer.device.type == "cuda" else "gloo")
@@ -185,6 +191,7 @@ class _Ranked:
 
     def _any(self, flag: bool) -> bool:
         """Whether any rank's ``flag`` is set (a collective every rank makes)."""
+        self.flag_allreduces += 1
         t = torch.tensor([int(flag)], device=self._comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # blocks until every rank asks
         return bool(t.item())
@@ -237,6 +244,9 @@ class DDP(_Ranked):
         super().__init__(workers, backend=backend, timeout=timeout)
         self.find_unused = find_unused_parameters
         self.gradient_allreduces = 0
+
+    def allreduces(self) -> dict[str, int]:
+        return {"gradients": self.gradient_allreduces, "flags": self.flag_allreduces}
 
     def _wrap(self, trainer: Trainer) -> None:
         ids = [trainer.device.index] if trainer.device.type == "cuda" else None
@@ -340,6 +350,9 @@ class LocalSGD(_Ranked):
         self.averager = Averager(
             list(trainer.model.parameters()), self.outer_lr, self.outer_momentum
         )
+
+    def allreduces(self) -> dict[str, int]:
+        return {"parameters": self.param_allreduces, "flags": self.flag_allreduces}
 
     def train_epoch(self, fit: Fit) -> dict[str, float]:
         averages = self.local.epoch(fit, Periodic(self, fit), lambda: self._updated(fit))

@@ -126,6 +126,7 @@ class Fit:
         for cb in self.callbacks:
             cb.on_fit_end(self)
         self.history.steps, self.history.stopped_by = self.step, self.stopped_by
+        self.history.config = self.strategy.describe(self.trainer)  # with its final counters
         return self.history
 
     def _stopped(self) -> bool:
