@@ -42,7 +42,7 @@ def mlp_workload(quick: bool) -> tuple[Callable[[], torch.nn.Module], ss.Pipelin
 
 
 def cnn_workload(quick: bool) -> tuple[Callable[[], torch.nn.Module], ss.Pipeline]:
-    n = 512 if quick else 2048
+    n = 256 if quick else 768
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, 3, 32, 32), dtype=np.float32)
     y = rng.integers(0, 10, n)
@@ -120,18 +120,25 @@ def lightning(make: Callable[[], torch.nn.Module], pipe: ss.Pipeline, epoch: int
 
 
 def measure(name: str, workload: Any, rounds: int) -> dict[str, Any]:
+    """Interleaved rounds in rotating order; overheads are medians of per-round ratios, so the
+    machine's drift between rounds cancels."""
     make, pipe = workload
     loops = {"hand": hand, "slipstream": slipstream, "lightning": lightning}
     times: dict[str, list[float]] = {k: [] for k in loops}
     for r in range(rounds + 1):  # round 0 warms up (allocators, thread pools, imports)
-        for loop_name, loop in loops.items():
-            seconds = loop(make, pipe, r)
+        names = list(loops)[r % 3 :] + list(loops)[: r % 3]
+        for loop_name in names:
+            seconds = loops[loop_name](make, pipe, r)
             if r:
                 times[loop_name].append(seconds)
         log(f"{name} round {r}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items() if v))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"seconds_per_epoch": med, "overhead": med["slipstream"] / med["hand"] - 1,
-            "lightning_overhead": med["lightning"] / med["hand"] - 1}  # fmt: skip
+
+    def overhead(loop: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[loop], times["hand"], strict=True)) - 1
+
+    return {"seconds_per_epoch": med, "overhead": overhead("slipstream"),
+            "lightning_overhead": overhead("lightning"), "rounds": times}  # fmt: skip
 
 
 def main() -> None:
@@ -139,9 +146,9 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    rounds = 3 if args.quick else 9
+    rounds = 3 if args.quick else 11
     mlp = measure("mlp", mlp_workload(args.quick), rounds)
-    cnn = measure("cnn", cnn_workload(args.quick), max(2, rounds // 3))
+    cnn = measure("cnn", cnn_workload(args.quick), rounds)
     emit(
         "train_overhead",
         {"mlp": mlp, "cnn": cnn},

@@ -59,6 +59,11 @@ class Callback:
         """Restore what :meth:`state_dict` returned."""
 
 
+def overrides(callback: object, hook: str) -> bool:
+    """Whether ``callback`` has its own ``hook`` (the loop skips the no-op defaults)."""
+    return getattr(type(callback), hook) is not getattr(Callback, hook)
+
+
 def _sense(monitor: str, mode: Mode) -> Literal["min", "max"]:
     one_of("mode", mode, ("min", "max", "auto"))
     if mode != "auto":

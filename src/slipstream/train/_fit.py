@@ -25,6 +25,7 @@ import torch
 from slipstream._core.checks import positive_int
 from slipstream._core.errors import ArgumentError, CheckpointError
 from slipstream.train import _checkpoint as ckpt
+from slipstream.train._callbacks import overrides
 from slipstream.train._metrics import Averages
 from slipstream.train._step import batch_size, to_device
 
@@ -93,7 +94,7 @@ class Fit:
         self.stopping = False
         self.stopped_by = ""
         self.history = History(config=strategy.describe(trainer))
-        self._after_step = [c for c in self.callbacks if _overrides(c, "on_step_end")]
+        self._after_step = [c for c in self.callbacks if overrides(c, "on_step_end")]
 
     @property
     def is_main(self) -> bool:
@@ -254,12 +255,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _overrides(obj: object, hook: str) -> bool:
-    from slipstream.train._callbacks import Callback
-
-    return getattr(type(obj), hook) is not getattr(Callback, hook)
 
 
 def cpu_count() -> int:

@@ -17,6 +17,7 @@ import torch
 
 from slipstream.data._tree import tree_map
 from slipstream.train._backends import parameters
+from slipstream.train._callbacks import overrides
 from slipstream.train._metrics import Averages
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class Stepper:
         self.scale = scale_loss / self.accumulate
         self.pending = 0  # micro-batches whose gradients wait for an update
         self.averages = Averages()
-        self.guards = [c for c in trainer.callbacks if _overrides(c, "before_update")]
+        self.guards = [c for c in trainer.callbacks if overrides(c, "before_update")]
 
     def step(self, batch: Any, fit: Any) -> bool:
         figures = self.trainer.train_step(to_device(batch, self.trainer.device))
@@ -166,9 +167,3 @@ class Alone:
 
     def after(self, has_batch: bool) -> bool:
         return has_batch
-
-
-def _overrides(obj: object, hook: str) -> bool:
-    from slipstream.train._callbacks import Callback
-
-    return getattr(type(obj), hook) is not getattr(Callback, hook)

@@ -19,7 +19,7 @@ from slipstream._core.checks import one_of, positive_int, positive_number
 from slipstream._core.errors import ArgumentError
 from slipstream.train._backends import Backend, backend_of
 from slipstream.train._callbacks import Callback
-from slipstream.train._fit import FitPlan, History
+from slipstream.train._fit import FitPlan, History, cpu_count
 from slipstream.train._metrics import Metric
 from slipstream.train._precision import Precision, PrecisionName
 from slipstream.train._strategies import Strategy, resolve_strategy
@@ -123,7 +123,7 @@ class Trainer:
 
     def set_threads(self, processes: int) -> int:
         """Set this process's intra-op threads: ``threads=`` or the cores shared out."""
-        n = self.threads or max(1, (os.cpu_count() or 1) // processes)
+        n = self.threads or max(1, cpu_count() // processes)
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
         return n
