@@ -52,13 +52,13 @@ from slipstream.train import (
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DDP",
+__all__ = [  # noqa: RUF022 (plain sorted order, as the test checks)
     "ArgumentError",
     "Callback",
     "Checkpoint",
     "CheckpointError",
     "CorruptDataError",
+    "DDP",
     "EarlyStopping",
     "History",
     "Hogwild",

@@ -9,10 +9,10 @@ from slipstream.train._strategies import Single
 from slipstream.train._together import fit_together
 from slipstream.train._trainer import Trainer
 
-__all__ = [
-    "DDP",
+__all__ = [  # noqa: RUF022 (plain sorted order, as the test checks)
     "Callback",
     "Checkpoint",
+    "DDP",
     "EarlyStopping",
     "History",
     "Hogwild",
