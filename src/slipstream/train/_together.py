@@ -41,6 +41,8 @@ class Tee:
 
     def next(self, i: int, epoch: int) -> Any:
         with self.cond:
+            if epoch < self.epoch:  # it took that pass's last item; the others moved on
+                return _END
             if epoch != self.epoch:
                 self._wait(lambda: self._pass_done(), f"the other models to finish epoch {epoch}")
                 if epoch != self.epoch:
