@@ -176,7 +176,7 @@ class _Ranked:
         prepare_module(trainer)
         self.inner = trainer.module
         self._wrap(trainer)
-        self.local = Local(trainer, plan.train, scale_loss=self._loss_scale())
+        self.local = Local(trainer, plan.train)
         with deterministic(trainer.deterministic):
             return Fit(trainer, plan, self).run()
 
@@ -186,9 +186,6 @@ class _Ranked:
     def train_epoch(self, fit: Fit) -> dict[str, float]:
         raise NotImplementedError
 
-    def _loss_scale(self) -> float:
-        return 1.0
-
     def _any(self, flag: bool) -> bool:
         """Whether any rank's ``flag`` is set (a collective every rank makes)."""
         self.flag_allreduces += 1
@@ -197,11 +194,7 @@ class _Ranked:
         return bool(t.item())
 
     def _comm_device(self) -> torch.device:
-        return self.inner_device
-
-    @property
-    def inner_device(self) -> torch.device:
-        return next(self.inner.parameters()).device
+        return next(self.inner.parameters()).device  # gloo: CPU tensors; nccl: the rank's GPU
 
     def _reduce(self, packed: torch.Tensor) -> torch.Tensor:
         t = packed.to(self._comm_device())

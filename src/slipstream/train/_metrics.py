@@ -42,14 +42,15 @@ class Averages:
 
     def add(self, values: dict[str, torch.Tensor], n: int) -> None:
         for name, value in values.items():
-            v = value.detach().float() * n
+            v = value.detach()
+            v = (v if v.dtype == torch.float32 else v.float()) * n
             total = self.sums.get(name)
             self.sums[name] = v if total is None else total + v
         self.count += n
 
     def packed(self) -> torch.Tensor:
         """Sums and count in one float64 tensor (what ranks all-reduce)."""
-        values = [s.to("cpu", torch.float64) for s in self.sums.values()]
+        values = [s.to("cpu", torch.float64).reshape(()) for s in self.sums.values()]
         return torch.stack([*values, torch.tensor(float(self.count), dtype=torch.float64)])
 
     def result(self, packed: torch.Tensor | None = None) -> dict[str, float]:

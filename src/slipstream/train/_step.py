@@ -52,13 +52,13 @@ class Stepper:
     step updated the weights itself (GANs, custom schemes), and the stepper only records it.
     """
 
-    def __init__(self, trainer: Trainer, *, scale_loss: float = 1.0) -> None:
+    def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.optimizer = trainer.make_optimizer(parameters(trainer.model))
         self.scheduler = trainer.make_scheduler(self.optimizer)
         self.scaler = trainer.precision_plan.scaler()
         self.accumulate = trainer.accumulate
-        self.scale = scale_loss / self.accumulate
+        self.scale = 1.0 / self.accumulate
         self.pending = 0  # micro-batches whose gradients wait for an update
         self.averages = Averages()
         self.guards = [c for c in trainer.callbacks if overrides(c, "before_update")]
@@ -73,7 +73,7 @@ class Stepper:
             self.optimizer.zero_grad(set_to_none=True)
             self.pending = 0
             return False
-        self._backward(loss * self.scale)
+        self._backward(loss if self.accumulate == 1 else loss * self.scale)
         self.pending += 1
         return self.pending == self.accumulate and self.update()
 

@@ -87,8 +87,8 @@ class Local:
     """The training side shared by strategies whose processes each step their own model copy:
     a stepper, the rank's pipeline, and where the pipeline stands after a resume."""
 
-    def __init__(self, trainer: Trainer, pipe: Any, *, scale_loss: float = 1.0) -> None:
-        self.stepper = Stepper(trainer, scale_loss=scale_loss)
+    def __init__(self, trainer: Trainer, pipe: Any) -> None:
+        self.stepper = Stepper(trainer)
         self.pipe = pipe
         self.consumed = False
 

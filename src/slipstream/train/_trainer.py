@@ -148,15 +148,15 @@ class Trainer:
         Return a loss that requires grad and the loop backpropagates and updates; a custom
         step that updates the weights itself returns detached figures.
         """
-        inputs, target = self.split(batch)
-        with self.autocast():
-            output = self.module(inputs)
-            loss = self.loss_fn(output, target)
-        return {"loss": loss, **self.compute_metrics(output, target)}
+        return self.figures(batch)
 
     @torch.no_grad()
     def eval_step(self, batch: Any) -> dict[str, torch.Tensor]:
         """Loss and metrics of one batch, without gradients."""
+        return self.figures(batch)
+
+    def figures(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The default step's forward pass: loss and metrics of ``batch``."""
         inputs, target = self.split(batch)
         with self.autocast():
             output = self.module(inputs)
