@@ -9,6 +9,11 @@ import signal
 from typing import Any
 
 
+def cpu_count() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def die_with_parent(parent: int | None) -> None:
     """Die with the parent: at once on Linux (``PR_SET_PDEATHSIG``); elsewhere, and under a
     forkserver (whose children have the forkserver as parent), the closed pipe ends the loop."""

@@ -11,7 +11,6 @@ The loop, as a hand-written one would read::
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Iterable
@@ -255,7 +254,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

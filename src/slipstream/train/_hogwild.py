@@ -25,7 +25,7 @@ import torch
 
 from slipstream._core.checks import positive_int
 from slipstream._core.errors import ArgumentError, CheckpointError, LifecycleError, TrainingError
-from slipstream.train._fit import Fit, FitPlan, History, cpu_count, evaluate_sums
+from slipstream.train._fit import Fit, FitPlan, History, evaluate_sums
 from slipstream.train._group import Group, pack, unpack
 from slipstream.train._metrics import means
 from slipstream.train._strategies import Local, describe, deterministic
@@ -78,7 +78,7 @@ class Hogwild:
                 f"`train` is a {type(plan.train).__name__}"
             )
         n = self.workers
-        self.threads = trainer.threads or max(1, cpu_count() // n)
+        self.threads = trainer.threads_for(n)
         trainer.model.share_memory()
         self.counts = mp.RawArray("q", n)
         self.pause = mp.RawValue("i", 0)

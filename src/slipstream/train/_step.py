@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from slipstream.data._tree import tree_map
+from slipstream.data._tree import batch_len, tree_map
 from slipstream.train._backends import parameters
 from slipstream.train._callbacks import overrides
 from slipstream.train._metrics import Averages
@@ -37,11 +37,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def batch_size(batch: Any) -> int:
-    """The leading dimension of the batch's first array (1 for a batch without one)."""
-    while isinstance(batch, dict | list | tuple) and batch:
-        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
-    shape = getattr(batch, "shape", None)
-    return int(shape[0]) if shape else 1
+    """Samples in ``batch`` (1 for a batch whose first leaf has no length)."""
+    try:
+        return batch_len(batch)
+    except TypeError:  # a 0-dim tensor or a scalar
+        return 1
 
 
 class Stepper:
@@ -58,7 +58,6 @@ class Stepper:
         self.scheduler = trainer.make_scheduler(self.optimizer)
         self.scaler = trainer.precision_plan.scaler()
         self.accumulate = trainer.accumulate
-        self.scale = 1.0 / self.accumulate
         self.pending = 0  # micro-batches whose gradients wait for an update
         self.averages = Averages()
         self.guards = [c for c in trainer.callbacks if overrides(c, "before_update")]
@@ -73,7 +72,7 @@ class Stepper:
             self.optimizer.zero_grad(set_to_none=True)
             self.pending = 0
             return False
-        self._backward(loss if self.accumulate == 1 else loss * self.scale)
+        self._backward(loss if self.accumulate == 1 else loss / self.accumulate)
         self.pending += 1
         return self.pending == self.accumulate and self.update()
 

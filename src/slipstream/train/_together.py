@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from slipstream._core.errors import ArgumentError, StallError
-from slipstream.train._fit import History, cpu_count
+from slipstream.train._fit import History
 from slipstream.train._trainer import Trainer
 
 _END = object()
@@ -179,6 +179,6 @@ def _check(trainers: Sequence[Trainer], val: Any) -> None:
                 f"fit_together runs trainers side by side in one process; a trainer has "
                 f"strategy={t.strategy.name!r}: use strategy='single'"
             )
-        t.threads = t.threads or max(1, cpu_count() // len(trainers))
+        t.threads = t.threads_for(len(trainers))
     if val is not None and not hasattr(val, "copy"):
         raise ArgumentError("`val` must be a slipstream pipeline (each trainer reads a copy)")

@@ -17,9 +17,10 @@ import torch
 
 from slipstream._core.checks import one_of, positive_int, positive_number
 from slipstream._core.errors import ArgumentError
+from slipstream._core.procs import cpu_count
 from slipstream.train._backends import Backend, backend_of
 from slipstream.train._callbacks import Callback
-from slipstream.train._fit import FitPlan, History, cpu_count
+from slipstream.train._fit import FitPlan, History
 from slipstream.train._metrics import Metric
 from slipstream.train._precision import Precision, PrecisionName
 from slipstream.train._strategies import Strategy, resolve_strategy
@@ -121,9 +122,13 @@ class Trainer:
         """The precision context of forward passes (a no-op for fp32)."""
         return self.precision_plan.autocast()
 
+    def threads_for(self, processes: int) -> int:
+        """Intra-op threads per process: ``threads=``, or the cores shared by ``processes``."""
+        return self.threads or max(1, cpu_count() // processes)
+
     def set_threads(self, processes: int) -> int:
-        """Set this process's intra-op threads: ``threads=`` or the cores shared out."""
-        n = self.threads or max(1, cpu_count() // processes)
+        """Set this process's intra-op threads to :meth:`threads_for` and return them."""
+        n = self.threads_for(processes)
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
         return n
