@@ -34,6 +34,7 @@ from slipstream.data import (
     sample_rng,
     sample_seed,
 )
+from slipstream.live import Live, Server, serve
 from slipstream.train import (
     DDP,
     Callback,
@@ -63,12 +64,14 @@ __all__ = [  # noqa: RUF022 (plain sorted order, as the test checks)
     "History",
     "Hogwild",
     "LifecycleError",
+    "Live",
     "LocalSGD",
     "MissingExtraError",
     "NonFiniteGuard",
     "Pipeline",
     "PipelineError",
     "PipelineStats",
+    "Server",
     "Single",
     "SlipstreamError",
     "SourceError",
@@ -93,4 +96,5 @@ __all__ = [  # noqa: RUF022 (plain sorted order, as the test checks)
     "metrics",
     "sample_rng",
     "sample_seed",
+    "serve",
 ]

@@ -1,5 +1,5 @@
-"""The command line: ``slipstream demo`` and ``slipstream bench`` (more commands come with
-the trainer, live and tune layers).
+"""The command line: ``slipstream demo | bench | serve | dashboard`` (``train`` and ``tune``
+come with the tune layer).
 
 Exit codes: 0 success, 1 a slipstream error (its message on stderr), 2 a usage error.
 """
@@ -7,9 +7,11 @@ Exit codes: 0 success, 1 a slipstream error (its message on stderr), 2 a usage e
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from slipstream._core.errors import SlipstreamError
 
@@ -44,6 +46,83 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from slipstream.live import serve
+
+    # Block the stop signals before the server's threads start (they inherit the mask), so
+    # that only sigwait below sees them.
+    stops = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    server = serve(
+        args.run,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        pin=args.pin,
+        max_body_bytes=args.max_body_bytes,
+    )
+    print(f"serving {args.run} at {server.url} (POST /predict, GET /version)", flush=True)
+    try:
+        signal.sigwait(stops)  # until Ctrl-C or a SIGTERM
+    finally:
+        server.close()
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from slipstream.live._dashboard import serve_dashboard
+
+    serve_dashboard(args.runs, host=args.host, port=args.port, token=args.token)  # until a signal
+    return 0
+
+
+def _add_http_args(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; any other needs --token)",
+    )
+    p.add_argument("--port", type=int, default=port, help=f"port (default {port}; 0: any free)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="a secret every request must carry (Authorization: Bearer TOKEN)",
+    )
+
+
+def _add_live_commands(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="answer predictions with a run's newest weights, swapped in while it trains",
+        description="Example: slipstream serve runs/digits --port 8000, then "
+        "curl -d '{\"inputs\": [...]}' localhost:8000/predict",
+    )
+    serve.add_argument("run", help="the run directory (the dir given to ss.Live)")
+    serve.add_argument(
+        "--model",
+        default=None,
+        help="package.module:factory that builds the model (default: the run's)",
+    )
+    serve.add_argument("--pin", type=int, default=None, help="serve this version, not the newest")
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=16 << 20,
+        help="larger request bodies get 413 (default 16 MiB)",
+    )
+    _add_http_args(serve, 8000)
+    serve.set_defaults(run_command=_serve)
+    dash = sub.add_parser(
+        "dashboard",
+        help="live plots of runs: follows a running one, replays a finished one",
+        description="Example: slipstream dashboard runs/a runs/b (compares two runs)",
+    )
+    dash.add_argument("runs", nargs="+", help="run directories")
+    _add_http_args(dash, 8080)
+    dash.set_defaults(run_command=_dashboard)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slipstream", description="Fast training on large datasets.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -60,7 +139,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="keep the dataset here (default: a temporary directory)",
     )
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run_command=_demo)
     bench = sub.add_parser(
         "bench",
         help="run the benchmarks in ./benchmarks (one JSON line each)",
@@ -70,14 +149,15 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small sizes: under a minute each")
     bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     bench.add_argument("--dir", default="benchmarks", help="where the benchmark scripts are")
-    bench.set_defaults(run=_bench)
+    bench.set_defaults(run_command=_bench)
+    _add_live_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        code: int = args.run(args)
+        code: int = args.run_command(args)
     except SlipstreamError as e:
         print(f"slipstream {args.command}: {e}", file=sys.stderr)
         return 1

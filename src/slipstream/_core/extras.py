@@ -15,6 +15,11 @@ _EXTRA_OF = {
     "aiohttp": "remote",
     "PIL": "images",
     "keras": "keras",
+    "rich": "live",
+    "rich.progress": "live",
+    "starlette": "live",
+    "uvicorn": "live",
+    "tensorboard": "tensorboard",
 }
 
 

@@ -79,6 +79,14 @@ def _cluster(env: Mapping[str, str], launcher: str, *keys: str) -> Cluster:
     return Cluster(launcher, rank, world, local, local_world or world, addr, port)
 
 
+def launching_rank(env: Mapping[str, str] = os.environ) -> int:
+    """This process's global rank as its launcher set it (0 when launched alone)."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if key in env:
+            return int(env[key])
+    return 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -176,7 +184,7 @@ class _Ranked:
         prepare_module(trainer)
         self.inner = trainer.module
         self._wrap(trainer)
-        self.local = Local(trainer, plan.train)
+        self.local = Local(trainer, plan.train, {"rank": self.rank})
         with deterministic(trainer.deterministic):
             return Fit(trainer, plan, self).run()
 

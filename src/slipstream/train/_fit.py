@@ -10,10 +10,13 @@ The loop, as a hand-written one would read::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import signal
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,6 +97,7 @@ class Fit:
         self.stopped_by = ""
         self.history = History(config=strategy.describe(trainer))
         self._after_step = [c for c in self.callbacks if overrides(c, "on_step_end")]
+        self.feed = trainer.live if strategy.is_main else None  # rank 0 reports for the run
 
     @property
     def is_main(self) -> bool:
@@ -109,20 +113,30 @@ class Fit:
             self.restore(self.plan.resume)
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        while not self.stopping and not self._done():
-            logs = self.strategy.train_epoch(self)
-            if self.plan.val is not None and not self.stopping:
-                logs |= {
-                    f"val_{k}": v for k, v in self.strategy.evaluate(self, self.plan.val).items()
-                }
-            if self._stopped():  # a stopped epoch is not a finished one
-                break
-            self.epoch += 1
-            self.history.epochs.append({"epoch": self.epoch, "step": self.step, **logs})
-            for cb in self.callbacks:
-                cb.on_epoch_end(self, logs)
+        with stop_on_signals(self):
+            while not self.stopping and not self._done():
+                logs = self.strategy.train_epoch(self)
+                if self.plan.val is not None and not self.stopping:
+                    val = self.strategy.evaluate(self, self.plan.val)
+                    logs |= {f"val_{k}": v for k, v in val.items()}
+                if self._stopped():  # a stopped epoch is not a finished one
+                    break
+                self._end_epoch(logs)
+        return self._finish()
+
+    def _end_epoch(self, logs: dict[str, float]) -> None:
+        self.epoch += 1
+        self.history.epochs.append({"epoch": self.epoch, "step": self.step, **logs})
+        if self.feed is not None:
+            self.feed.emit({"kind": "epoch", "epoch": self.epoch, "step": self.step, **logs})
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, logs)
+
+    def _finish(self) -> History:
         if not self.stopped_by:
             self.stopped_by = "steps" if self._steps_done() else "epochs"
+        if self.feed is not None and self.feed.publish_due(self.step, final=True):
+            self.feed.publish(self.step, self.weights())
         for cb in self.callbacks:
             cb.on_fit_end(self)
         self.history.steps, self.history.stopped_by = self.step, self.stopped_by
@@ -144,6 +158,8 @@ class Fit:
         self.step += count
         for cb in self._after_step:
             cb.on_step_end(self)
+        if self.feed is not None and self.feed.publish_due(self.step):
+            self.feed.publish(self.step, self.weights())
         if self._steps_done():
             self.stop("steps")
 
@@ -211,6 +227,29 @@ class Fit:
                 f"{str(loaded.path)!r} was saved by strategy {saved!r} and this trainer runs "
                 f"{now!r}; resume with the same strategy and worker count"
             )
+
+
+@contextlib.contextmanager
+def stop_on_signals(fit: Fit) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the run cleanly after the current step (callbacks then save the
+    final checkpoint); a second one interrupts at once. Only where signals arrive: the main
+    thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if fit.stopped_by == f"signal {name}":
+            raise KeyboardInterrupt(f"a second {name}: stopping at once")
+        fit.stop(f"signal {name}")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def evaluate(trainer: Trainer, pipe: Iterable[Any]) -> dict[str, float]:

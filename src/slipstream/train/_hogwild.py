@@ -183,15 +183,18 @@ class Hogwild:
 
     def _worker(self, trainer: Trainer, pipe: Any, rank: int, conn: Any) -> None:
         torch.set_num_threads(self.threads)
-        _Worker(self, Local(trainer, pipe), rank, conn).serve()
+        _Worker(self, trainer, pipe, rank, conn).serve()
 
 
 class _Worker:
     """One Hogwild worker process: serves the parent's commands, trains epochs of its shard."""
 
-    def __init__(self, strategy: Hogwild, local: Local, rank: int, conn: Any) -> None:
-        self.s, self.local, self.rank, self.conn = strategy, local, rank, conn
+    def __init__(self, strategy: Hogwild, trainer: Trainer, pipe: Any, rank: int, conn: Any):
+        self.s, self.rank, self.conn = strategy, rank, conn
+        self.local = Local(trainer, pipe, {"worker": rank}, self.staleness)
         self.fit = _WorkerFit()
+        self.seen = 0  # the run's update count when this worker last fetched a batch
+        self.stale_sum, self.stale_n = 0, 0
 
     def serve(self) -> None:
         while (msg := self.conn.recv())[0] != "exit":  # blocks for the parent's next command
@@ -218,9 +221,20 @@ class _Worker:
 
     def count(self) -> None:
         counts = self.s.counts
+        total = sum(counts)
+        self.stale_sum += total - self.seen  # other workers' updates since this one's read
+        self.stale_n += 1
         counts[self.rank] += 1
-        if sum(counts) >= self.s.next_sync.value:
+        self.fit.step = total + 1
+        if total + 1 >= self.s.next_sync.value:
             self.s.pause.value = 1
+
+    def staleness(self) -> dict[str, float]:
+        """Mean updates by other workers between this worker's read and its write (since the
+        last call)."""
+        mean = self.stale_sum / self.stale_n if self.stale_n else 0.0
+        self.stale_sum = self.stale_n = 0
+        return {"staleness": mean}
 
     def before(self) -> bool:
         """A step boundary: pause here when the parent asked for it."""
@@ -230,6 +244,7 @@ class _Worker:
         return not self.fit.stopping
 
     def after(self, has_batch: bool) -> bool:
+        self.seen = sum(self.s.counts)  # the forward pass about to run reads these weights
         return has_batch
 
     def paused(self) -> None:

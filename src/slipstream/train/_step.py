@@ -10,7 +10,8 @@ Blocking calls are marked: on a GPU they are where the host waits for the device
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -19,6 +20,7 @@ from slipstream.data._tree import batch_len, tree_map
 from slipstream.train._backends import parameters
 from slipstream.train._callbacks import overrides
 from slipstream.train._metrics import Averages
+from slipstream.train._report import Recorder
 
 if TYPE_CHECKING:
     from slipstream.train._trainer import Trainer
@@ -52,7 +54,12 @@ class Stepper:
     step updated the weights itself (GANs, custom schemes), and the stepper only records it.
     """
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(
+        self,
+        trainer: Trainer,
+        where: Mapping[str, int] | None = None,
+        extra: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
         self.trainer = trainer
         self.optimizer = trainer.make_optimizer(parameters(trainer.model))
         self.scheduler = trainer.make_scheduler(self.optimizer)
@@ -61,8 +68,12 @@ class Stepper:
         self.pending = 0  # micro-batches whose gradients wait for an update
         self.averages = Averages()
         self.guards = [c for c in trainer.callbacks if overrides(c, "before_update")]
+        feed = trainer.live
+        self.recorder = None if feed is None else Recorder(feed, where or {}, extra)
 
     def step(self, batch: Any, fit: Any) -> bool:
+        if self.recorder is not None:
+            self.recorder.first_batch(self.trainer, batch)
         figures = self.trainer.train_step(to_device(batch, self.trainer.device))
         loss = figures["loss"]
         self.averages.add(figures, batch_size(batch))
@@ -137,12 +148,18 @@ def run_epoch(
     once fetched (a peer rank out of data); ``updated()`` runs after each optimizer update. A
     stopped pass leaves a partial accumulation and an epoch-wise schedule alone."""
     it = iter(batches)
+    recorder = stepper.recorder
     while gate.before():
+        fetch_start = time.perf_counter()
         batch = next(it, _END)  # blocks until the pipeline delivers (input stall)
+        if recorder is not None:
+            recorder.fetch_s += time.perf_counter() - fetch_start
         if not gate.after(batch is not _END):
             break
         if stepper.step(batch, fit):
             updated()
+            if recorder is not None:
+                recorder.updated(fit.step, stepper.averages)
     if not fit.stopping and stepper.end_epoch():
         updated()
 

@@ -8,7 +8,7 @@ it never asks which strategy it holds. ``single`` lives here; ``ddp`` and ``loca
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -87,8 +87,14 @@ class Local:
     """The training side shared by strategies whose processes each step their own model copy:
     a stepper, the rank's pipeline, and where the pipeline stands after a resume."""
 
-    def __init__(self, trainer: Trainer, pipe: Any) -> None:
-        self.stepper = Stepper(trainer)
+    def __init__(
+        self,
+        trainer: Trainer,
+        pipe: Any,
+        where: Mapping[str, int] | None = None,
+        extra: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
+        self.stepper = Stepper(trainer, where, extra)
         self.pipe = pipe
         self.consumed = False
 

@@ -11,15 +11,17 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
 from slipstream._core.checks import one_of, positive_int, positive_number
 from slipstream._core.errors import ArgumentError
+from slipstream._core.events import Feed
 from slipstream._core.procs import cpu_count
 from slipstream.train._backends import Backend, backend_of
-from slipstream.train._callbacks import Callback
+from slipstream.train._callbacks import Callback, Checkpoint
+from slipstream.train._distributed import launching_rank
 from slipstream.train._fit import FitPlan, History
 from slipstream.train._metrics import Metric
 from slipstream.train._precision import Precision, PrecisionName
@@ -64,6 +66,7 @@ class Trainer:
         device: str | torch.device | None = None,
         threads: int | None = None,
         deterministic: bool = False,
+        live: Feed | None = None,
     ) -> None:
         self.backend: Backend = backend_of(model)
         self.model: torch.nn.Module = self.backend.module
@@ -89,6 +92,7 @@ class Trainer:
         self.schedule_every = one_of("schedule_every", schedule_every, ("step", "epoch"))
         self.threads = None if threads is None else positive_int("threads", threads)
         self.deterministic = bool(deterministic)
+        self.live = _check_live(live)
 
     def _check_optimizer(self, optimizer: OptimizerArg) -> OptimizerArg:
         if optimizer is None and self.backend.optimizer() is None:
@@ -193,13 +197,46 @@ class Trainer:
         directory without a checkpoint yet starts from the beginning.
         """
         plan = FitPlan.of(train, val, epochs, steps, resume)
-        return self.strategy.launch(self, plan)
+        if self.live is None:
+            return self.strategy.launch(self, plan)
+        self.live.start(self._live_meta(plan), self.model.state_dict())
+        ended = "error"
+        try:
+            history = self.strategy.launch(self, plan)
+            ended = history.stopped_by
+            return history
+        finally:
+            self.live.finish(ended)
+
+    def _live_meta(self, plan: FitPlan) -> dict[str, Any]:
+        """What a run's live feed records about it (a server rebuilds the model from it)."""
+        cls = type(self.backend.module)
+        checkpoints = [str(c.dir) for c in self.callbacks if isinstance(c, Checkpoint)]
+        return {
+            "model": f"{cls.__module__}:{cls.__qualname__}",
+            "strategy": self.strategy.name,
+            "workers": self.strategy.workers,
+            "epochs": plan.epochs,
+            "steps": plan.steps,
+            "rank": launching_rank(),
+            "checkpoints": checkpoints[0] if checkpoints else None,
+        }
 
     def evaluate(self, pipe: Iterable[Any]) -> dict[str, float]:
         """Loss and metrics over ``pipe``, in this process."""
         from slipstream.train._fit import evaluate
 
         return evaluate(self, pipe)
+
+
+def _check_live(live: Any) -> Feed | None:
+    needed = ("start", "emit", "publish_due", "publish", "finish")
+    if live is not None and not all(callable(getattr(live, m, None)) for m in needed):
+        raise ArgumentError(
+            f"`live` must be an ss.Live (or an object with {', '.join(needed)}); "
+            f"got {type(live).__name__}"
+        )
+    return cast("Feed | None", live)
 
 
 def _check_callbacks(callbacks: Sequence[Callback]) -> Sequence[Callback]:
