@@ -223,7 +223,7 @@ def test_host_header_and_token_rules(finished_run: Path, server: ss.Server) -> N
 
 
 def test_a_run_without_live_weights_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ss.ArgumentError, match="no live.json"):
+    with pytest.raises(ss.ArgumentError, match=r"no live\.json"):
         ss.serve(tmp_path, port=0)
 
 
