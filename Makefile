@@ -19,10 +19,16 @@ $(VENV)/.dev: $(VENV)/.base
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# The dashboard's browser test drives Debian's Chromium (Playwright never downloads a browser).
+$(VENV)/.browser: $(VENV)/.dev
+	command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null \
+		|| (apt-get update -q && apt-get install -y -q chromium >/dev/null)
+	touch $@
+
 demo: $(VENV)/.base
 	$(VENV)/bin/slipstream demo
 
-test: $(VENV)/.dev lint types unit
+test: $(VENV)/.browser lint types unit
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -31,7 +37,7 @@ lint: $(VENV)/.dev
 types: $(VENV)/.dev
 	$(VENV)/bin/mypy
 
-unit: $(VENV)/.dev
+unit: $(VENV)/.browser
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.dev

@@ -3,12 +3,11 @@
 The dashboard only reads the files a run writes, so it can replay a finished run, follow a live
 one, compare several, and die without the run noticing. ``Live(dashboard=True)`` starts it as a
 child process (:class:`DashboardProcess`); ``slipstream dashboard RUN…`` runs it in the
-foreground (:func:`main`).
+foreground (:func:`serve_dashboard`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import select
@@ -112,18 +111,6 @@ def _check_runs(runs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Serve the dashboard in the foreground (``slipstream dashboard``); prints its URL first."""
-    p = argparse.ArgumentParser(prog="slipstream dashboard")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--token", default=None)
-    args = p.parse_args(argv)
-    serve_dashboard(args.runs, host=args.host, port=args.port, token=args.token)
-    return 0
-
-
 def serve_dashboard(
     runs: Sequence[str | os.PathLike[str]],
     *,
@@ -164,7 +151,8 @@ class DashboardProcess:
         cmd = [
             sys.executable,
             "-m",
-            "slipstream.live._dashboard",
+            "slipstream.cli",
+            "dashboard",
             *map(str, runs),
             "--host",
             host,
@@ -202,7 +190,3 @@ class DashboardProcess:
                 self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
