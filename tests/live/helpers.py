@@ -121,3 +121,24 @@ def drift_stream(switch_at: int, seed: int = 0) -> Iterator[tuple[np.ndarray, np
         label = int(x[0] > 0) if i < switch_at else int(x[0] < 0)
         yield x, np.int64(label)
         i += 1
+
+
+def train_stream(
+    run: Path, *, steps: int | None = None, switch_at: int = 10**12, **live: Any
+) -> ss.History:
+    """Train Linear2 on the endless drift stream (until ``steps``, or a signal), with a Live
+    feed and a Checkpoint in ``run``; prints how it stopped."""
+    live.setdefault("console", False)
+    torch.manual_seed(0)
+    trainer = ss.Trainer(
+        Linear2(),
+        optimizer=lambda p: torch.optim.Adam(p, lr=0.01),
+        loss=torch.nn.functional.cross_entropy,
+        metrics={"acc": ss.metrics.accuracy},
+        callbacks=[ss.Checkpoint(run / "checkpoints", every_steps=100, keep=2)],
+        live=ss.Live(run, **live),
+    )
+    pipe = ss.from_iterable(drift_stream(switch_at)).batch(64)
+    history = trainer.fit(pipe, steps=steps)
+    print(f"stopped_by={history.stopped_by} steps={history.steps}", flush=True)
+    return history
