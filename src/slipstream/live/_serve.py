@@ -79,16 +79,34 @@ def load_model(spec: str) -> torch.nn.Module:
 
 
 class Weights:
-    """Where the server gets versions: the run's store when it is alive, else its files."""
+    """Where the server gets versions: the run's store when it is alive, else its files. A
+    restarted run (a resume, a new fit) makes a new store: ``live.json`` is looked at again
+    when it changes (at most twice a second) and the new store attached."""
 
     def __init__(self, run: Path, info: Mapping[str, Any]) -> None:
+        self.run_file = run / RUN_FILE
         self.files = WeightFiles(run / WEIGHTS_DIR)
         self.store: WeightStore | None = None
-        if "store" in info:
-            with contextlib.suppress(LifecycleError):
-                described = info["store"]
-                self.store = WeightStore.attach(described["name"], slots_from(described["layout"]))
-        self._checked = 0.0
+        self.fresh = False
+        self._attach(info)
+        self._mtime = self._stamp()
+        self._files_checked = self._run_checked = 0.0
+
+    def _stamp(self) -> float:
+        try:
+            return self.run_file.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def _attach(self, info: Mapping[str, Any]) -> None:
+        described = info.get("store")
+        if described is None or (self.store is not None and self.store.name == described["name"]):
+            return
+        with contextlib.suppress(LifecycleError):  # its run has ended: files serve
+            store = WeightStore.attach(described["name"], slots_from(described["layout"]))
+            self.close()
+            self.store = store
+            self.fresh = True  # a new run's versions count from its own start
 
     @property
     def source(self) -> str:
@@ -96,21 +114,27 @@ class Weights:
 
     def newer(self, than: int) -> Snapshot | None:
         """The newest version if it is newer than ``than``."""
-        if self.store is not None:
-            if self.store.version > than:
-                return self.store.read()
-            if self.store.version >= 0:
-                return None
         now = time.monotonic()
-        if now - self._checked < 0.2:  # files: look at the directory at most 5 times a second
+        if now - self._run_checked > 0.5 and self._stamp() != self._mtime:
+            self._run_checked, self._mtime = now, self._stamp()
+            with contextlib.suppress(json.JSONDecodeError, OSError):
+                self._attach(json.loads(self.run_file.read_text()))
+        if self.store is not None and (self.store.version > than or self.fresh):
+            snap = self.store.read()
+            self.fresh = self.fresh and snap is None
+            return snap
+        if self.store is not None and self.store.version >= 0:
             return None
-        self._checked = now
+        if now - self._files_checked < 0.2:  # files: look at the directory 5 times a second
+            return None
+        self._files_checked = now
         versions = self.files.versions()
         return self.files.read(versions[-1]) if versions and versions[-1] > than else None
 
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+            self.store = None
 
 
 class Predictor:
