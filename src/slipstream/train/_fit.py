@@ -232,9 +232,11 @@ class Fit:
 @contextlib.contextmanager
 def stop_on_signals(fit: Fit) -> Iterator[None]:
     """SIGINT and SIGTERM stop the run cleanly after the current step (callbacks then save the
-    final checkpoint); a second one interrupts at once. Only where signals arrive: the main
-    thread."""
-    if threading.current_thread() is not threading.main_thread():
+    final checkpoint); a second one interrupts at once. Only where signals arrive (the main
+    thread), and not where SIGINT is ignored (ranks that slipstream spawned: their parent
+    decides how they stop)."""
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored or threading.current_thread() is not threading.main_thread():
         yield
         return
 
