@@ -82,8 +82,14 @@ def allowed_hosts(host: str, port: int, extra: Iterable[str] = ()) -> frozenset[
 
 async def respond(send: Send, status: int, body: dict[str, Any]) -> None:
     """A JSON answer."""
-    data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await respond_bytes(send, status, json.dumps(body).encode(), "application/json")
+
+
+async def respond_bytes(send: Send, status: int, data: bytes, content_type: str) -> None:
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(data)).encode()),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
 

@@ -133,7 +133,6 @@ class Live:
         self.dashboard: DashboardProcess | None = None
         self.store: WeightStore | None = None
         self.collector: Collector | None = None
-        self.run_dir: Path | None = None
         self._published = -1
         self._next_publish = float("inf")
 
@@ -149,7 +148,6 @@ class Live:
             meta.get("checkpoints") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
         )
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.run_dir = run_dir
         if rank != 0:
             self.collector = Collector(
                 run_dir.name, [JsonlSink(run_dir / f"events-rank{rank}.jsonl")]

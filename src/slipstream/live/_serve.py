@@ -42,6 +42,7 @@ from slipstream.live._http import (
     allowed_hosts,
     bind,
     check_bind,
+    respond_bytes,
 )
 from slipstream.live._http import respond as respond_json
 from slipstream.live._live import RUN_FILE, WEIGHTS_DIR
@@ -156,7 +157,6 @@ class Predictor:
         self.model.eval()
         self.inputs = self.info.get("inputs")
         self.weights = Weights(run, self.info)
-        self.version, self.published = -1, 0.0
         self.current: Snapshot | None = None
         self.previous: Snapshot | None = None
         self.pinned = False
@@ -164,6 +164,11 @@ class Predictor:
             self.pin(pin)
         else:
             self.refresh()
+
+    @property
+    def version(self) -> int:
+        """The served version (-1 before the first)."""
+        return -1 if self.current is None else self.current.version
 
     def refresh(self) -> None:
         """Swap in the newest version, unless pinned (between two predictions)."""
@@ -181,7 +186,7 @@ class Predictor:
             ) from e
         if self.current is not None and self.current.version != snap.version:
             self.previous = self.current
-        self.current, self.version, self.published = snap, snap.version, snap.published
+        self.current = snap
 
     def pin(self, version: int) -> None:
         snap = self.weights.files.read(version)  # raises naming the versions on disk
@@ -198,7 +203,7 @@ class Predictor:
     def status(self) -> dict[str, Any]:
         return {
             "version": self.version,
-            "age_s": time.time() - self.published if self.version >= 0 else None,
+            "age_s": None if self.current is None else time.time() - self.current.published,
             "pinned": self.pinned,
             "previous": None if self.previous is None else self.previous.version,
             "source": self.weights.source,
@@ -321,7 +326,7 @@ class App:
         except SlipstreamError as e:
             return await respond_json(send, 404, {"error": str(e)})
         if isinstance(result, bytes):
-            return await _respond_bytes(send, result)
+            return await respond_bytes(send, 200, result, SAFETENSORS)
         await respond_json(send, 200, result)
 
     def _route(self, scope: Scope) -> Callable[[bytes, str], Any]:

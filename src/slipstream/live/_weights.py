@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -228,49 +227,3 @@ def _published(path: Path) -> float:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
     return float(header.get("__metadata__", {}).get("published", path.stat().st_mtime))
-
-
-class FileWriter:
-    """A thread that writes the store's newest version to files, so that publishing never
-    waits on a disk. Versions published faster than the disk takes them are skipped (the newest
-    wins). ``kick()`` is called by the publisher; the thread reads the store itself."""
-
-    def __init__(self, store: WeightStore, files: WeightFiles) -> None:
-        self.store, self.files = store, files
-        self._wake = threading.Condition()
-        self._wanted = self._written = -1
-        self._closing = False
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, name="slipstream-weight-files", daemon=True
-        )
-        self._thread.start()
-
-    def kick(self, version: int) -> None:
-        with self._wake:
-            self._wanted = version
-            self._wake.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                self._wake.wait_for(lambda: self._wanted > self._written or self._closing)
-                if self._wanted <= self._written:
-                    return
-            snap = self.store.read()
-            if snap is None:
-                continue
-            try:
-                self.files.write(snap.version, snap.tensors, snap.published)
-            except OSError as e:  # a full disk: the shared-memory store still serves this machine
-                self.error = e
-            with self._wake:
-                self._written = snap.version
-                self._wake.notify_all()
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Write the newest version if it is not yet on disk, then stop."""
-        with self._wake:
-            self._closing = True
-            self._wake.notify_all()
-        self._thread.join(timeout)
