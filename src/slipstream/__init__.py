@@ -22,7 +22,7 @@ from slipstream._core.errors import (
     TrainingError,
     WorkerDiedError,
 )
-from slipstream._core.stats import PipelineStats, StageStats
+from slipstream._core.stats import PipelineStats, ProcessStats, StageStats
 from slipstream.data import (
     Pipeline,
     from_arrays,
@@ -71,6 +71,7 @@ __all__ = [  # noqa: RUF022 (plain sorted order, as the test checks)
     "Pipeline",
     "PipelineError",
     "PipelineStats",
+    "ProcessStats",
     "Server",
     "Single",
     "SlipstreamError",

@@ -73,8 +73,10 @@ def test_plots_gain_points_while_a_run_trains(tmp_path: Path, browser: Any) -> N
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard-live.png"), full_page=True)
         assert proc.wait(120) == 0
-        for figure in ("acc", "samples_per_s", "stall", "val_acc"):
+        for figure in ("acc", "samples_per_s", "stall", "val_acc", "pipeline busy"):
             page.wait_for_selector(f'[data-figure="{figure}"]', timeout=30_000)
+        stages = page.inner_text('[data-figure="pipeline items_per_s"] .legend')
+        assert stages.startswith("read(arrays)"), stages  # one stage: a vectorised gather
     finally:
         proc.kill()
         proc.wait()

@@ -7,6 +7,7 @@ import io
 import logging
 import multiprocessing as mp
 import os
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -163,6 +164,46 @@ def test_hogwild_workers_and_ddp_ranks_each_report(tmp_path: Path) -> None:
             assert all(s >= 0 for s in stale) and max(s for s in stale) > 0
 
 
+def slow_identity(sample: Any) -> Any:
+    """A map that takes its time (a worker process is busy most of the window)."""
+    time.sleep(0.0005)
+    return sample
+
+
+def test_pipeline_stages_and_worker_processes_report_their_figures(tmp_path: Path) -> None:
+    from tests.train.helpers import digits, trainer
+
+    x, y = digits()
+    train = (
+        ss.from_arrays((x[:1024], y[:1024]))
+        .shuffle(seed=0)
+        .map(slow_identity, mode="process", workers=2)
+        .batch(32)
+        .prefetch(2)
+    )
+    t = trainer(live=ss.Live(tmp_path, console=False, record_every=4))
+    history = t.fit(train, epochs=2)
+    pipeline = records(tmp_path, "pipeline")
+    stages = [r for r in pipeline if "process" not in r]
+    names = {r["stage"] for r in stages}
+    assert any(n.startswith("map") for n in names) and len(names) >= 3, names
+    # one record per stage with each train record, at the same steps
+    train_steps = [r["step"] for r in records(tmp_path, "train")]
+    assert sorted({r["step"] for r in stages}) == train_steps
+    assert all(r["items_per_s"] >= 0 and 0 <= r["busy"] <= 1 for r in stages)
+    # the map's worker processes, in their own words: the training waits on them
+    procs = [r for r in pipeline if "process" in r]
+    assert {r["process"] for r in procs} == {0, 1}
+    pids = {r["pid"] for r in procs}
+    assert os.getpid() not in pids and len(pids) >= 2  # new processes each epoch: more
+    assert all(r["rss_mb"] > 10 for r in procs)  # a process that imported torch
+    assert statistics.median(r["busy"] for r in procs) > 0.3
+    # the pipeline's own account agrees: each batch was mapped (and collated, the map and batch
+    # run as one task) by one of those processes
+    (mapped,) = [s for s in train.stats().stages if s.processes]
+    assert sum(p.items for p in mapped.processes) == mapped.items == history.steps
+
+
 def test_tensorboard_event_files_hold_the_figures(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -171,6 +212,7 @@ def test_tensorboard_event_files_hold_the_figures(tmp_path: Path) -> None:
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert {"train/loss", "train/acc", "epoch/val_acc", "train/stall"} <= set(tags)
+    assert "pipeline/read(arrays)/items_per_s" in tags
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(5, history.steps + 1, 5))
     assert acc.Scalars("epoch/val_acc")[0].value == pytest.approx(history["val_acc"][0])
 

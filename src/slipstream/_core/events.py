@@ -5,10 +5,12 @@ A record is a flat JSON-able dict::
     {"run": "digits-1732", "time": 1732.5, "kind": "train", "step": 120, "rank": 0,
      "loss": 0.31, "acc": 0.91, "samples_per_s": 5210.0, "stall": 0.02}
 
-``kind`` is ``"train"`` (a window of steps in one training process), ``"epoch"`` (an epoch's
-figures with its evaluation), ``"weights"`` (a published version), ``"inputs"`` (the shape of
-one sample, once) or ``"status"`` (start and end of a run). ``rank`` / ``worker`` say which
-process emitted it.
+``kind`` is ``"train"`` (a window of steps in one training process), ``"pipeline"`` (the
+window's figures of one stage of the pipeline feeding that process, or of one of the stage's
+worker processes: ``stage``, ``process``, ``pid``), ``"epoch"`` (an epoch's figures with its
+evaluation), ``"weights"`` (a published version), ``"inputs"`` (the shape of one sample, once)
+or ``"status"`` (start and end of a run). ``rank`` / ``worker`` say which training process
+emitted it.
 
 :class:`Sink` is where records end up (console, JSONL, TensorBoard); :class:`Feed` is what
 ``Trainer(live=...)`` holds. The train layer knows only these protocols (DESIGN.md §1, §4).

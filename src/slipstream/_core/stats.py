@@ -7,8 +7,22 @@ their stage and read (without a lock: every field is a single Python number) by 
 
 from __future__ import annotations
 
+import os
+import resource
 import time
 from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessStats:
+    """One worker process of a ``mode="process"`` stage, as the process measured itself:
+    items it mapped, seconds it spent on them, and its resident memory after its last chunk."""
+
+    index: int
+    pid: int
+    items: int
+    busy_s: float
+    rss_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +43,7 @@ class StageStats:
     queue_capacity: int
     workers: int
     skipped: tuple[int, ...] = ()
+    processes: tuple[ProcessStats, ...] = ()
 
     @property
     def rate(self) -> float:
@@ -67,6 +82,12 @@ class PipelineStats:
             f"{s.wait_output_s:>9.2f}{f'{s.queue_depth}/{s.queue_capacity}':>9}{s.workers:>8}"
             for s in self.stages
         )
+        rows.extend(
+            f"  {s.name[:20]} worker {p.index} (pid {p.pid}): {p.items} items, "
+            f"{p.busy_s:.2f} s busy, {p.rss_bytes / 2**20:.0f} MiB resident"
+            for s in self.stages
+            for p in s.processes
+        )
         rows.append(
             f"consumer: {self.items} items in {self.elapsed_s:.2f} s "
             f"({self.throughput:,.0f}/s), stall {self.stall_s:.2f} s "
@@ -95,7 +116,17 @@ class Meter:
     threads or processes of their own. ``skip`` counts items left untimed (see ``weighed``).
     """
 
-    __slots__ = ("busy", "items", "name", "skip", "skipped", "total", "wait_out", "workers")
+    __slots__ = (
+        "busy",
+        "items",
+        "name",
+        "processes",
+        "skip",
+        "skipped",
+        "total",
+        "wait_out",
+        "workers",
+    )
 
     def __init__(self, name: str, workers: int = 1) -> None:
         self.name = name
@@ -106,6 +137,7 @@ class Meter:
         self.busy = 0.0
         self.wait_out = 0.0
         self.skipped: list[int] = []
+        self.processes: dict[int, ProcessStats] = {}  # by worker index (process stages)
 
     def snapshot(self, busy: float, wait_in: float, depth: int, capacity: int) -> StageStats:
         return StageStats(
@@ -118,7 +150,19 @@ class Meter:
             capacity,
             self.workers,
             tuple(self.skipped),
+            tuple(self.processes[i] for i in sorted(self.processes)),
         )
 
 
 now = time.perf_counter
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

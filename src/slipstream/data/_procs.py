@@ -29,7 +29,7 @@ import torch
 from slipstream._core import shm
 from slipstream._core.errors import ArgumentError, WorkerDiedError
 from slipstream._core.procs import die_with_parent, how_it_ended, stop_process
-from slipstream._core.stats import Meter, now
+from slipstream._core.stats import Meter, ProcessStats, now, rss_bytes
 from slipstream.data._node import CLOSE_S, POLL_S, Ctx, Item
 from slipstream.data._parallel import MapWork, format_remote
 from slipstream.data._pools import Done, Err
@@ -100,7 +100,7 @@ def _worker_main(
         outs = _run_chunk(msg, work, arena)
         task = msg[0]
         meta, layout = (encode_inband(outs), None) if arena is None else arena.encode(outs)
-        outbox.send((task, now() - t0, meta, layout))
+        outbox.send((task, now() - t0, meta, layout, rss_bytes()))
 
 
 @dataclass(slots=True)
@@ -234,8 +234,8 @@ class ProcessPool:
                 self._died(dead[0])
                 return
 
-    def _receive(self, w: _Worker, msg: tuple[int, float, bytes, Any]) -> None:
-        task, busy, meta, layout = msg
+    def _receive(self, w: _Worker, msg: tuple[int, float, bytes, Any, int]) -> None:
+        task, busy, meta, layout, rss = msg
         with self._cond:
             slot, entries = w.tasks.pop(task)
         if layout is None and w.arena is not None:
@@ -246,10 +246,20 @@ class ProcessPool:
         else:
             outs = w.arena.decode(meta, layout, slot)
         self._meter.busy += busy
+        self._account(w, len(entries), busy, rss)
         if self._adapt:
             self._chunk = max(1, min(64, round(_TARGET_CHUNK_S * len(entries) / max(busy, 1e-6))))
         for (seq, item), out in zip(entries, outs, strict=True):
             self._done(seq, item, out[1] if out[0] == "v" else _remote_err(out))
+
+    def _account(self, w: _Worker, items: int, busy: float, rss: int) -> None:
+        """Add a chunk to the figures worker ``w`` reported about itself."""
+        figures = self._meter.processes
+        was = figures.get(w.index)
+        items_before, busy_before = (0, 0.0) if was is None else (was.items, was.busy_s)
+        figures[w.index] = ProcessStats(
+            w.index, w.proc.pid, items_before + items, busy_before + busy, rss
+        )
 
     def _warn_inband(self) -> None:
         if not self._warned_inband:

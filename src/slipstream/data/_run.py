@@ -8,11 +8,11 @@ rank slicing starts (0 unless the state was resumed on a different number of ran
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from slipstream._core.errors import StateError
-from slipstream._core.stats import PipelineStats, StageStats, now
+from slipstream._core.stats import PipelineStats, ProcessStats, StageStats, now
 from slipstream.data._node import Ctx, Cursor, Item, Node
 from slipstream.data._parallel import ErrorPolicy, InlineMapNode, ParallelMapNode
 
@@ -134,7 +134,20 @@ def add_stats(a: StageStats, b: StageStats) -> StageStats:
         b.queue_capacity,
         b.workers,
         b.skipped,
+        _add_processes(a.processes, b.processes),
     )
+
+
+def _add_processes(
+    a: tuple[ProcessStats, ...], b: tuple[ProcessStats, ...]
+) -> tuple[ProcessStats, ...]:
+    """Worker processes of two passes, summed by worker index (pid and memory from the later)."""
+    by_index = {p.index: p for p in a}
+    for p in b:
+        if (q := by_index.get(p.index)) is not None:
+            p = replace(p, items=q.items + p.items, busy_s=q.busy_s + p.busy_s)
+        by_index[p.index] = p
+    return tuple(by_index[i] for i in sorted(by_index))
 
 
 class Run:

@@ -14,7 +14,9 @@ from typing import Any, TextIO
 from slipstream._core.events import Record
 from slipstream._core.extras import require
 
-_SKIP = frozenset({"run", "time", "kind", "step", "epoch", "rank", "worker", "version"})
+_SKIP = frozenset(
+    {"run", "time", "kind", "step", "epoch", "rank", "worker", "version", "process", "pid"}
+)
 
 
 def figures(record: Record) -> dict[str, float]:
@@ -111,8 +113,8 @@ class ConsoleSink:
 
 class TensorBoardSink:
     """TensorBoard event files under ``directory`` (the ``tensorboard`` extra): one scalar per
-    figure, tagged ``train/<figure>`` or ``epoch/<figure>``, and per process for ranks and
-    workers."""
+    figure, tagged ``train/<figure>``, ``epoch/<figure>`` or ``pipeline/<stage>/<figure>``, and
+    per process for ranks and workers."""
 
     def __init__(self, directory: Path) -> None:
         require("tensorboard", feature="Live(tensorboard=True)")
@@ -123,10 +125,14 @@ class TensorBoardSink:
     def write(self, records: Sequence[Record]) -> None:
         for r in records:
             kind = r.get("kind")
-            if kind not in ("train", "epoch") or "step" not in r:
+            if kind not in ("train", "epoch", "pipeline") or "step" not in r:
                 continue
             where = source(r)
             prefix = kind if where == "main" else f"{kind}/{where.replace(' ', '')}"
+            if kind == "pipeline":  # a stage, or one of its worker processes
+                prefix += f"/{r.get('stage')}"
+                if "process" in r:
+                    prefix += f"/process{r['process']}"
             for name, value in figures(r).items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, r["step"], walltime=r.get("time"))
         self.writer.flush()

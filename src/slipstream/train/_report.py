@@ -6,6 +6,11 @@ window's mean loss and metrics, samples per second and input stall. On a stream 
 means are the prequential figures: each batch is scored by the forward pass that precedes its
 update. Figures are read off the step's tensors once per window, so a record costs one device
 synchronisation per window, not per step.
+
+With each ``"train"`` record come ``"pipeline"`` records about the pipeline that fed the window,
+one per stage (``items_per_s``, ``busy``: the share of the window its workers worked, ``queue``:
+how full its buffer is) and one per worker process of a ``mode="process"`` stage, with the
+figures that process measured about itself (``items_per_s``, ``busy``, ``rss_mb``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 
 from slipstream._core.errors import ArgumentError
 from slipstream._core.events import Feed, Record
+from slipstream._core.stats import PipelineStats, ProcessStats, StageStats
 from slipstream.data._tree import tree_map
 from slipstream.train._metrics import Averages
 
@@ -40,6 +46,15 @@ class Recorder:
         self.fetch_s = 0.0  # time blocked on the pipeline, added by the loop
         self._mark(Averages())
         self._described = False
+        self._stages: _StageWindow | None = None
+
+    def watch(self, batches: Any) -> None:
+        """Report on ``batches``' stages too, when it is a pipeline (it has ``stats()``)."""
+        stats = getattr(batches, "stats", None)
+        if not callable(stats):
+            self._stages = None
+        elif self._stages is None or self._stages.stats != stats:
+            self._stages = _StageWindow(stats)
 
     def _mark(self, averages: Averages) -> None:
         self._sums, self._count = dict(averages.sums), averages.count
@@ -65,14 +80,17 @@ class Recorder:
         """One more update (``step`` is the run's count); a record every ``every``."""
         self.updates += 1
         if self.updates % self.every == 0:
-            self.feed.emit(self._record(step, averages))
+            elapsed = max(time.perf_counter() - self._t0, 1e-9)
+            self.feed.emit(self._record(step, averages, elapsed))
+            if self._stages is not None:
+                for record in self._stages.records(elapsed):
+                    self.feed.emit({"kind": "pipeline", "step": step, **self.where, **record})
             self._mark(averages)
 
-    def _record(self, step: int, averages: Averages) -> Record:
+    def _record(self, step: int, averages: Averages, elapsed: float) -> Record:
         count = averages.count - self._count
         if count <= 0:  # a new epoch's averages: the window restarted with them
             self._sums, count = {}, averages.count
-        elapsed = max(time.perf_counter() - self._t0, 1e-9)
         record: Record = {"kind": "train", "step": step, **self.where}
         for name, total in averages.sums.items():
             before = self._sums.get(name)
@@ -83,3 +101,54 @@ class Recorder:
         if self.extra is not None:
             record |= self.extra()
         return record
+
+
+class _StageWindow:
+    """A pipeline's figures over one window: the difference of two ``stats()`` snapshots."""
+
+    def __init__(self, stats: Callable[[], PipelineStats]) -> None:
+        self.stats = stats
+        self._last = stats().stages
+
+    def records(self, elapsed: float) -> list[Record]:
+        stages = self.stats().stages
+        last = self._last if len(self._last) == len(stages) else ()
+        self._last = stages
+        records = []
+        for i, stage in enumerate(stages):
+            before = last[i] if last else None
+            records.append(_stage_record(stage, before, elapsed))
+            earlier = {} if before is None else {p.index: p for p in before.processes}
+            records.extend(
+                _process_record(stage.name, p, earlier.get(p.index), elapsed)
+                for p in stage.processes
+            )
+        return records
+
+
+def _stage_record(now: StageStats, before: StageStats | None, elapsed: float) -> Record:
+    items = now.items - (before.items if before else 0)
+    busy = now.busy_s - (before.busy_s if before else 0.0)
+    record: Record = {
+        "stage": now.name,
+        "items_per_s": max(0, items) / elapsed,
+        "busy": min(1.0, max(0.0, busy) / (elapsed * max(1, now.workers))),
+    }
+    if now.queue_capacity:
+        record["queue"] = now.queue_depth / now.queue_capacity
+    return record
+
+
+def _process_record(
+    stage: str, now: ProcessStats, before: ProcessStats | None, elapsed: float
+) -> Record:
+    items = now.items - (before.items if before else 0)  # both count every pass so far
+    busy = now.busy_s - (before.busy_s if before else 0.0)
+    return {
+        "stage": stage,
+        "process": now.index,
+        "pid": now.pid,
+        "items_per_s": max(0, items) / elapsed,
+        "busy": min(1.0, max(0.0, busy) / elapsed),
+        "rss_mb": now.rss_bytes / 2**20,
+    }

@@ -149,6 +149,8 @@ def run_epoch(
     stopped pass leaves a partial accumulation and an epoch-wise schedule alone."""
     it = iter(batches)
     recorder = stepper.recorder
+    if recorder is not None:
+        recorder.watch(batches)
     while gate.before():
         fetch_start = time.perf_counter()
         batch = next(it, _END)  # blocks until the pipeline delivers (input stall)
