@@ -49,6 +49,59 @@ def test_usage_errors_exit_2() -> None:
     assert "Example: slipstream demo --quick" in slipstream("demo", "--help").stdout
 
 
+@pytest.mark.parametrize("command", ["train", "demo", "bench", "serve", "dashboard"])
+def test_every_subcommand_has_help_with_an_example(command: str) -> None:
+    out = slipstream(command, "--help")
+    assert out.returncode == 0 and "Example" in out.stdout, out.stdout
+
+
+@pytest.mark.integration
+def test_train_a_workload_saves_the_resolved_config_and_its_record(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    out = slipstream(
+        "train", "digits-cnn", "--run", str(run), "--set", "train.epochs=2",
+        "--set", "live.console=false", "--set", "data.batch=128", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "goal val_acc ≥ 0.97:" in out.stdout and f"run directory: {run}" in out.stdout
+    saved = (run / "config.toml").read_text()
+    assert "epochs = 2" in saved and "batch = 128" in saved and 'name = "digits-cnn"' in saved
+    epochs = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
+    # the saved config trains again as it is
+    again = slipstream(
+        "train", str(run / "config.toml"), "--run", str(tmp_path / "b"), cwd=tmp_path
+    )
+    assert again.returncode == 0, again.stderr
+
+
+def test_train_exits_3_when_required_goal_is_missed(tmp_path: Path) -> None:
+    out = slipstream(
+        "train", "digits-cnn", "--run", str(tmp_path / "r"), "--set", "train.epochs=1",
+        "--set", "train.lr=1e-5",
+        "--set", "live.console=false", "--require-goal", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 3, out.stderr
+    assert "goal val_acc ≥ 0.97: NOT reached" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["digits"], "not a built-in workload"),
+        (["digits-cnn", "--set", "train.epocs=3"], "did you mean 'epochs'"),
+        (["digits-cnn", "--set", "train.workers=2"], "train.strategy = 'single'"),
+        (["digits-cnn", "--set", "data.batch=-1"], "data.batch = -1 must be ≥ 1"),
+    ],
+)
+def test_train_config_errors_exit_2_before_any_work(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = slipstream("train", *args, "--run", str(tmp_path / "r"), cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "data").exists()
+
+
 @pytest.mark.parametrize(
     "script", sorted(p.name for p in (ROOT / "benchmarks").glob("pipeline_*.py"))
 )

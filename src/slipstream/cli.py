@@ -1,7 +1,8 @@
-"""The command line: ``slipstream demo | bench | serve | dashboard`` (``train`` and ``tune``
-come with the tune layer).
+"""The command line: ``slipstream train | demo | bench | serve | dashboard``.
 
-Exit codes: 0 success, 1 a slipstream error (its message on stderr), 2 a usage error.
+Exit codes: 0 success; 1 a slipstream error while working (its message on stderr); 2 a usage
+or config error, found before any work started; 3 ``train --require-goal`` finished without
+reaching the workload's stated quality; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,7 +14,53 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from slipstream._core.config import ConfigError
 from slipstream._core.errors import SlipstreamError
+
+GOAL_MISSED = 3
+
+
+def _train(args: argparse.Namespace) -> int:
+    from slipstream.workloads._build import load_config, train
+
+    overrides = [*args.set, *([f"run={args.run}"] if args.run else [])]
+    outcome = train(load_config(args.config, overrides))
+    final = ", ".join(f"{k} {v:.4g}" for k, v in outcome.final.items() if isinstance(v, float))
+    print(f"done in {outcome.seconds:.1f} s ({outcome.history.steps} steps): {final}")
+    if outcome.goal is not None:
+        verdict = {True: "reached", False: "NOT reached", None: "not measured"}[outcome.goal_met]
+        print(f"goal {outcome.goal}: {verdict}")
+    print(f"run directory: {outcome.config.run} (config.toml, events.jsonl, weights/)")
+    return GOAL_MISSED if args.require_goal and outcome.goal_met is not True else 0
+
+
+def _add_train(sub: Any) -> None:
+    from slipstream.workloads import WORKLOADS
+
+    train = sub.add_parser(
+        "train",
+        help="train from a TOML config or a built-in workload",
+        description="Train from CONFIG: a TOML file with [data], [model], [train] and [live] "
+        f"sections, or a built-in workload's config ({', '.join(WORKLOADS)}). The resolved "
+        "config is saved in the run directory. Examples: slipstream train digits-cnn; "
+        "slipstream train my.toml --set train.epochs=3 --set train.strategy=hogwild "
+        "--set train.workers=2",
+    )
+    train.add_argument("config", help="a TOML config file, or a built-in workload name")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (TOML syntax; repeatable), e.g. --set data.batch=128",
+    )
+    train.add_argument("--run", default=None, help="the run directory (default: the config's)")
+    train.add_argument(
+        "--require-goal",
+        action="store_true",
+        help=f"exit {GOAL_MISSED} unless the workload's stated quality is reached (and measured)",
+    )
+    train.set_defaults(run_command=_train)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -126,6 +173,7 @@ def _add_live_commands(sub: Any) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slipstream", description="Fast training on large datasets.")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_train(sub)
     demo = sub.add_parser(
         "demo",
         help="the input pipeline end to end: throughput, input stall, resume",
@@ -158,9 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         code: int = args.run_command(args)
+    except ConfigError as e:
+        print(f"slipstream {args.command}: {e}", file=sys.stderr)
+        return 2
     except SlipstreamError as e:
         print(f"slipstream {args.command}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"slipstream {args.command}: interrupted", file=sys.stderr)
+        return 130
     return code
 
 

@@ -61,6 +61,8 @@ def test_from_parquet_reads_row_groups_and_columns(tmp_path: Path) -> None:
     assert rows[260]["blob"] == b"row-260" and rows[260]["vec"].tolist() == [260.0] * 3
     only = next(iter(ss.from_parquet(str(tmp_path / "*.parquet"), columns=["id"]).batch(8)))
     assert set(only) == {"id"}
+    batch = next(iter(pipe.batch(16)))  # arrays the batch owns: writable, torch takes them
+    assert batch["id"].flags.writeable and batch["vec"].flags.writeable
 
 
 def test_from_parquet_random_access_batch_equals_row_by_row(tmp_path: Path) -> None:

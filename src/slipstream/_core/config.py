@@ -72,13 +72,14 @@ class TrainConfig:
     """``[train]``: the loop, its strategy and accelerations."""
 
     epochs: int | None = field(default=None, metadata=_min(1))  # default 1 when steps is unset
-    steps: int | None = field(default=None, metadata=_min(1))
+    steps: int | None = field(default=None, metadata=_min(1))  # with epochs: whichever first
     strategy: Literal["single", "ddp", "hogwild", "localsgd"] = "single"
     workers: int | None = field(default=None, metadata=_min(1))
     threads: int | None = field(default=None, metadata=_min(1))  # per process; None: cores/workers
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     channels_last: bool = False
+    loss: Literal["auto", "cross_entropy", "mse"] = "auto"  # auto: the workload's
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = field(default=1e-3, metadata=_min(0, above=True))
     weight_decay: float = field(default=0.0, metadata=_min(0))
@@ -158,9 +159,7 @@ def parse(table: Mapping[str, Any], where: str = "the config") -> Config:
 
 
 def _section(name: str, table: Mapping[str, Any], where: str = "the config") -> Any:
-    cls = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "live": LiveConfig}[
-        name
-    ]
+    cls = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "live": LiveConfig}[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values = {}
@@ -188,7 +187,8 @@ def _check(key: str, value: Any, hint: Any, meta: Mapping[str, Any], where: str)
             choices = ", ".join(repr(c) for c in typing.get_args(option))
             raise ConfigError(f"{where}: {key} = {value!r} is not allowed; choose one of {choices}")
         if _fits(value, option):
-            return _bounded(key, float(value) if option is float else value, meta, where)
+            _bounded(key, value, meta, where)
+            return float(value) if option is float else value
     wanted = " or ".join(_type_name(o) for o in options)
     raise ConfigError(f"{where}: {key} = {value!r} must be {wanted}; got {type(value).__name__}")
 
@@ -206,14 +206,13 @@ def _fits(value: Any, option: Any) -> bool:
     return typing.get_origin(option) is dict and isinstance(value, Mapping)
 
 
-def _bounded(key: str, value: Any, meta: Mapping[str, Any], where: str) -> Any:
+def _bounded(key: str, value: Any, meta: Mapping[str, Any], where: str) -> None:
     low = meta.get("min")
     if low is None or not isinstance(value, int | float) or isinstance(value, bool):
-        return value
+        return
     if value < low or (meta["above"] and value == low):
         bound = f"> {low}" if meta["above"] else f"≥ {low}"
         raise ConfigError(f"{where}: {key} = {value!r} must be {bound}")
-    return value
 
 
 def _is_union(hint: Any) -> bool:

@@ -20,6 +20,8 @@ _EXTRA_OF = {
     "starlette": "live",
     "uvicorn": "live",
     "tensorboard": "tensorboard",
+    "sklearn": "workloads",
+    "sklearn.datasets": "workloads",
 }
 
 

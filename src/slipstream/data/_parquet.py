@@ -29,15 +29,21 @@ def _column(col: Any) -> Any:
     t = col.type
     if pa.types.is_fixed_size_list(t) and not pa.types.is_nested(t.value_type):
         flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return flat.reshape(len(col), t.list_size)
+        return _own(flat.reshape(len(col), t.list_size))
     numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
     if numeric and col.null_count == 0:
-        return col.to_numpy()
+        return _own(col.to_numpy())
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         rows = [np.asarray(v) for v in col.to_pylist()]
         same = rows and all(r.shape == rows[0].shape for r in rows)
         return np.stack(rows) if same else rows
     return col.to_pylist()
+
+
+def _own(array: np.ndarray) -> np.ndarray:
+    """A writable array: a zero-copy view of Arrow's memory is read-only, and torch warns of
+    (and a user's in-place augmentation would fail on) read-only arrays."""
+    return array if array.flags.writeable else array.copy()
 
 
 class ParquetSource:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from slipstream._core.errors import ArgumentError
@@ -71,8 +72,10 @@ class Recorder:
             return
 
         def spec(leaf: Any) -> dict[str, Any]:
-            t = torch.as_tensor(leaf)
-            return {"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
+            if not isinstance(leaf, torch.Tensor):  # no copy (nor a read-only array's warning)
+                array = np.asarray(leaf)
+                leaf = torch.from_numpy(np.empty((0, *array.shape[1:]), array.dtype))
+            return {"shape": list(leaf.shape[1:]), "dtype": str(leaf.dtype).removeprefix("torch.")}
 
         self.feed.emit({"kind": "inputs", "inputs": tree_map(spec, inputs), **self.where})
 
