@@ -50,6 +50,7 @@ from slipstream.train import (
     fit_together,
     load_weights,
 )
+from slipstream.tune import TuneResult, tune
 
 __version__ = "0.1.0"
 
@@ -85,6 +86,7 @@ __all__ = [  # noqa: RUF022 (plain sorted order, as the test checks)
     "TooManySkippedError",
     "Trainer",
     "TrainingError",
+    "TuneResult",
     "WorkerDiedError",
     "fit_together",
     "from_arrays",
@@ -98,4 +100,5 @@ __all__ = [  # noqa: RUF022 (plain sorted order, as the test checks)
     "sample_rng",
     "sample_seed",
     "serve",
+    "tune",
 ]

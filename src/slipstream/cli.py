@@ -1,4 +1,4 @@
-"""The command line: ``slipstream train | demo | bench | serve | dashboard``.
+"""The command line: ``slipstream train | tune | demo | bench | serve | dashboard``.
 
 Exit codes: 0 success; 1 a slipstream error while working (its message on stderr); 2 a usage
 or config error, found before any work started; 3 ``train --require-goal`` finished without
@@ -61,6 +61,48 @@ def _add_train(sub: Any) -> None:
         help=f"exit {GOAL_MISSED} unless the workload's stated quality is reached (and measured)",
     )
     train.set_defaults(run_command=_train)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from slipstream.workloads._build import load_config, tune_config
+
+    config = load_config(args.config, args.set)
+    if args.out is not None:
+        out = Path(args.out)
+    elif Path(args.config).exists():
+        out = Path(args.config).with_suffix(".tuned.toml")
+    else:  # a built-in workload's name
+        out = Path(f"{args.config}.tuned.toml")
+    tuned = tune_config(config, out, args.budget, cache=not args.no_cache)
+    print(tuned.result.table())
+    print(f"wrote {tuned.path}" + (f" and {tuned.plot}" if tuned.plot else ""))
+    print(f"see it in the dashboard: slipstream dashboard {tuned.records.parent}")
+    print(f"train with it: slipstream train {tuned.path}")
+    return 0
+
+
+def _add_tune(sub: Any) -> None:
+    tune = sub.add_parser(
+        "tune",
+        help="measure your model and data, name the bottleneck, pick the fastest configuration",
+        description="Probes the pipeline alone, the step alone and both together, names the "
+        "bottleneck, then searches the knobs that matter for it within the budget and writes "
+        "a config that `slipstream train` takes as it is. Example: slipstream tune "
+        "workloads/digits.toml --budget 120s",
+    )
+    tune.add_argument("config", help="a TOML config file, or a built-in workload name")
+    tune.add_argument("--budget", default="2m", help="time to spend: 120, 120s, 2m (default 2m)")
+    tune.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a config value before tuning (repeatable)",
+    )  # fmt: skip
+    tune.add_argument(
+        "--out", default=None, help="where to write the tuned config (default: CONFIG.tuned.toml)"
+    )
+    tune.add_argument(
+        "--no-cache", action="store_true", help="measure again even if this was tuned before"
+    )
+    tune.set_defaults(run_command=_tune)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -174,6 +216,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slipstream", description="Fast training on large datasets.")
     sub = p.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_tune(sub)
     demo = sub.add_parser(
         "demo",
         help="the input pipeline end to end: throughput, input stall, resume",

@@ -4,6 +4,7 @@ records, the run file and the sinks slipstream ships."""
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -145,6 +146,19 @@ def test_a_trained_run_records_steps_epochs_inputs_and_weights(tmp_path: Path) -
     assert info["inputs"] == {"shape": [1, 8, 8], "dtype": "float32"}
     on_disk = sorted(p.name for p in (tmp_path / "weights").iterdir())
     assert on_disk[-1] == f"v{history.steps:012d}.safetensors" and len(on_disk) <= 5
+
+
+def test_a_window_spanning_epochs_counts_all_its_samples(tmp_path: Path) -> None:
+    from tests.train.helpers import pipes, trainer
+
+    train, _ = pipes(batch=32, n=320)  # 10 steps an epoch, a record every 25
+    live = ss.Live(tmp_path, console=False, record_every=25)
+    trainer(live=live).fit(train, epochs=10)
+    windows = records(tmp_path, "train")
+    assert len(windows) == 4
+    for a, b in itertools.pairwise(windows):
+        expected = 25 * 32 / (b["time"] - a["time"])
+        assert 0.7 < b["samples_per_s"] / expected < 1.3, (b["samples_per_s"], expected)
 
 
 def test_hogwild_workers_and_ddp_ranks_each_report(tmp_path: Path) -> None:

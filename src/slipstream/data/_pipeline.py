@@ -42,6 +42,7 @@ from slipstream.data._specs import (
     device_spec,
     fn_name,
     map_spec,
+    retuned_map,
     shuffle_spec,
 )
 from slipstream.data._tree import Collate
@@ -86,7 +87,9 @@ class Pipeline:
 
     # -- building -------------------------------------------------------------------------
 
-    def _with(self, spec: Spec | None = None, **changes: Any) -> Pipeline:
+    def _with(
+        self, spec: Spec | None = None, *, specs: tuple[Spec, ...] | None = None, **changes: Any
+    ) -> Pipeline:
         kwargs: dict[str, Any] = dict(
             order=self._order,
             explicit_shard=self._explicit_shard,
@@ -95,7 +98,8 @@ class Pipeline:
             seed=self._state.seed,
         )
         kwargs.update(changes)
-        specs = self._specs if spec is None else (*self._specs, spec)
+        if specs is None:
+            specs = self._specs if spec is None else (*self._specs, spec)
         return Pipeline(self.source, specs, **kwargs)
 
     def map(
@@ -219,6 +223,47 @@ class Pipeline:
         positive_number("timeout", timeout, allow_none=True)
         new_seed = self._state.seed if seed is None else non_negative_int("seed", seed)
         return self._with(stall_timeout=stall_timeout, timeout=timeout, seed=new_seed)
+
+    def knobs(self) -> dict[str, Any]:
+        """The settings the advisor tunes, as they are: ``batch`` (the first batch stage's size),
+        ``map_workers`` and ``map_mode`` (of the first thread or process map), ``prefetch``
+        (the first prefetch's size; 0 without one). A setting the pipeline lacks is absent."""
+        knobs: dict[str, Any] = {"prefetch": 0}
+        for spec in reversed(self._specs):  # the first of each kind wins
+            if isinstance(spec, BatchSpec):
+                knobs["batch"] = spec.size
+            elif isinstance(spec, MapSpec) and spec.mode != "async":
+                knobs["map_workers"], knobs["map_mode"] = spec.workers, spec.mode
+            elif isinstance(spec, PrefetchSpec):
+                knobs["prefetch"] = spec.size
+        return knobs
+
+    def tuned(
+        self,
+        *,
+        batch: int | None = None,
+        map_workers: int | None = None,
+        map_mode: Mode | None = None,
+        prefetch: int | None = None,
+    ) -> Pipeline:
+        """The same pipeline with other settings (see :meth:`knobs`), at the start of epoch 0:
+        every batch stage's size, every thread or process map's workers and mode (with their
+        default window), every prefetch's depth (``prefetch=0`` removes them; a pipeline
+        without one gets one at its end)."""
+        specs: list[Spec] = []
+        for spec in self._specs:
+            if isinstance(spec, BatchSpec) and batch is not None:
+                spec = replace(spec, size=positive_int("batch", batch))
+            elif isinstance(spec, MapSpec):
+                spec = retuned_map(spec, map_workers, map_mode)
+            elif isinstance(spec, PrefetchSpec) and prefetch is not None:
+                if prefetch == 0:
+                    continue
+                spec = PrefetchSpec(positive_int("prefetch", prefetch))
+            specs.append(spec)
+        if prefetch and not any(isinstance(s, PrefetchSpec) for s in specs):
+            specs.append(PrefetchSpec(positive_int("prefetch", prefetch)))
+        return self._with(specs=tuple(specs))
 
     def copy(self) -> Pipeline:
         """The same source and stages at the start of epoch 0, with a state of its own (to

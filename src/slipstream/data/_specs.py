@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -145,7 +145,7 @@ def map_spec(
         n = non_negative_int("workers", (os.cpu_count() or 1) if workers is None else workers)
         if m == "process" and n == 0:
             raise ArgumentError("map: mode='process' needs workers ≥ 1; got workers=0")
-        win = max(1, n) * (32 if m == "process" else 4)
+        win = _window(m, n)
     return MapSpec(
         fn=fn,
         mode=m,
@@ -162,6 +162,21 @@ def map_spec(
         shm_bytes=positive_int("shm_bytes", shm_bytes),
         chunk=None if chunk is None else positive_int("chunk", chunk),
     )
+
+
+def _window(mode: Mode, workers: int) -> int:
+    """Samples in flight by default: enough to keep every worker busy (processes get chunks)."""
+    return max(1, workers) * (32 if mode == "process" else 4)
+
+
+def retuned_map(spec: MapSpec, workers: int | None, mode: Mode | None) -> MapSpec:
+    """``spec`` with other workers or mode (async stages keep theirs), and the default window
+    for them."""
+    if spec.mode == "async" or (workers is None and mode is None):
+        return spec
+    m: Mode = spec.mode if mode is None else one_of("map_mode", mode, ("thread", "process"))
+    n = spec.workers if workers is None else positive_int("map_workers", workers)
+    return replace(spec, mode=m, workers=n, window=_window(m, n))
 
 
 def batch_spec(size: int, drop_last: bool, collate: Collate | None) -> BatchSpec:

@@ -45,6 +45,7 @@ class Recorder:
         self.every = feed.record_every
         self.updates = 0
         self.fetch_s = 0.0  # time blocked on the pipeline, added by the loop
+        self.samples = 0  # samples stepped on, added by the loop (across epochs)
         self._mark(Averages())
         self._described = False
         self._stages: _StageWindow | None = None
@@ -59,7 +60,7 @@ class Recorder:
 
     def _mark(self, averages: Averages) -> None:
         self._sums, self._count = dict(averages.sums), averages.count
-        self._t0, self._fetch0 = time.perf_counter(), self.fetch_s
+        self._t0, self._fetch0, self._samples0 = time.perf_counter(), self.fetch_s, self.samples
 
     def first_batch(self, trainer: Any, batch: Any) -> None:
         """Emit the shape and dtype of one sample of the first batch (what a server expects)."""
@@ -99,7 +100,7 @@ class Recorder:
             before = self._sums.get(name)
             window = total if before is None else total - before
             record[name] = float(window) / count  # syncs with the device once per name
-        record["samples_per_s"] = count / elapsed
+        record["samples_per_s"] = (self.samples - self._samples0) / elapsed  # across epochs
         record["stall"] = min(1.0, (self.fetch_s - self._fetch0) / elapsed)
         if self.extra is not None:
             record |= self.extra()

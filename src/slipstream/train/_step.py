@@ -76,7 +76,10 @@ class Stepper:
             self.recorder.first_batch(self.trainer, batch)
         figures = self.trainer.train_step(to_device(batch, self.trainer.device))
         loss = figures["loss"]
-        self.averages.add(figures, batch_size(batch))
+        n = batch_size(batch)
+        self.averages.add(figures, n)
+        if self.recorder is not None:
+            self.recorder.samples += n
         if not loss.requires_grad:  # the user's step updated the weights itself
             return True
         if not all(g.before_update(fit, loss) for g in self.guards):

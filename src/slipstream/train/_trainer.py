@@ -68,6 +68,7 @@ class Trainer:
         deterministic: bool = False,
         live: Feed | None = None,
     ) -> None:
+        self._args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.backend: Backend = backend_of(model)
         self.model: torch.nn.Module = self.backend.module
         self.module: torch.nn.Module = self.model  # what steps call; strategies may wrap it
@@ -93,6 +94,17 @@ class Trainer:
         self.threads = None if threads is None else positive_int("threads", threads)
         self.deterministic = bool(deterministic)
         self.live = _check_live(live)
+
+    def replace(self, **changes: Any) -> Trainer:
+        """A new trainer with this one's arguments but ``changes`` (``threads=1``,
+        ``strategy="hogwild", workers=2``, ``model=copy.deepcopy(trainer.model)``, ...)."""
+        unknown = set(changes) - set(self._args)
+        if unknown:
+            raise ArgumentError(
+                f"Trainer.replace: {sorted(unknown)} are not Trainer arguments; it takes "
+                f"{', '.join(self._args)}"
+            )
+        return type(self)(**(self._args | changes))
 
     def _check_optimizer(self, optimizer: OptimizerArg) -> OptimizerArg:
         if optimizer is None and self.backend.optimizer() is None:

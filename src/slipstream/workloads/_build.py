@@ -20,10 +20,13 @@ from typing import Any
 import torch
 
 from slipstream._core.config import Config, ConfigError, dumps, load
+from slipstream._core.errors import MissingExtraError
 from slipstream._core.extras import require
 from slipstream.live import Live
 from slipstream.train import Checkpoint, EarlyStopping, History, Timeout, Trainer
 from slipstream.train._metrics import Metric, accuracy, mae
+from slipstream.tune import TuneResult, tune
+from slipstream.tune._report import plot_png, write_records
 from slipstream.workloads import WORKLOADS
 from slipstream.workloads._base import Data, Goal, Workload
 
@@ -302,3 +305,59 @@ def train(config: Config, *, say: Callable[[str], None] = print) -> Outcome:
     finally:
         parts.close()
     return Outcome(config, history, time.perf_counter() - t0, parts.goal)
+
+
+def tuned_config(config: Config, result: TuneResult) -> Config:
+    """``config`` with the advisor's chosen changes applied (the rest left as written)."""
+    train: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    for key, value in result.changes().items():
+        if key == "strategy":
+            train["strategy"], workers = value
+            train["workers"] = None if value[0] == "single" else workers
+        elif key in ("threads", "precision", "compile", "channels_last"):
+            train[key] = value
+        elif key in ("batch", "map_workers", "map_mode", "prefetch"):
+            data[key] = value
+    return config.replace("train", **train).replace("data", **data)
+
+
+@dataclass
+class Tuned:
+    """What ``slipstream tune`` produced."""
+
+    result: TuneResult
+    config: Config
+    path: Path
+    plot: Path | None
+    records: Path
+
+
+def tune_config(
+    config: Config,
+    out: Path,
+    budget: str | float,
+    *,
+    cache: bool = True,
+    say: Callable[[str], None] = print,
+) -> Tuned:
+    """``slipstream tune``: measure ``config``'s model and data, write the tuned config."""
+    config = resolve(config)
+    parts = build(config)
+    subject = dataclasses.replace(config, run="", live=type(config.live)())
+    try:
+        result = tune(
+            parts.trainer(callbacks=False), parts.data.train, budget, cache=cache,
+            key=dumps(subject), say=say,
+        )  # fmt: skip
+    finally:
+        parts.close()
+    tuned = tuned_config(config, result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dumps(tuned))
+    try:
+        plot: Path | None = plot_png(result, out.with_suffix(".png"))
+    except MissingExtraError:
+        plot = None
+    records = write_records(result, Path(config.run) / "tune")
+    return Tuned(result, tuned, out, plot, records)
