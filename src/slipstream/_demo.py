@@ -1,116 +1,169 @@
-"""``slipstream demo``: the input pipeline end to end, with the figures that matter.
+"""``slipstream demo``: the whole product on one workload, in a few minutes.
 
-Writes a sharded JPEG dataset, measures the pipeline alone, trains a small CNN fed by it
-(throughput and input stall), and resumes from a state taken mid-epoch.
+Writes a sharded JPEG dataset (the ``images-cnn`` workload), tunes it, trains the chosen
+configuration with the dashboard following it live and weights published as it learns, serves
+predictions from the live model while it trains, and ends with a report.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-import slipstream as ss
-from slipstream.workloads._images import decode_augment, small_cnn, write_shards
+from slipstream._core.config import Config, dumps
+from slipstream._core.errors import SlipstreamError
+from slipstream.live import serve
+from slipstream.workloads._build import build, live_of, load_config, resolve, tune_config
+from slipstream.workloads._images import decode_center
 
-
-def _pipeline(root: Path) -> ss.Pipeline:
-    return (
-        ss.from_parquet(str(root / "train-*.parquet"))
-        .shuffle(seed=0)
-        .map(decode_augment, workers=2)
-        .batch(64)
-        .prefetch(4)
-    )
+WORKLOAD = "images-cnn"
 
 
-def _train(pipe: ss.Pipeline, steps: int) -> tuple[float, float, float]:
-    """Steps of a small CNN on one thread; returns samples/s, stall share, final loss."""
-    torch.manual_seed(0)
-    net = small_cnn()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    wait, loss, samples = 0.0, torch.tensor(0.0), 0
-    t_start = time.perf_counter()
-    while samples < steps * 64:
-        it = iter(pipe)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                x, y = next(it)
-            except StopIteration:
-                break
-            wait += time.perf_counter() - t0
-            loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y))
-            opt.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            samples += len(y)
-            if samples >= steps * 64:
-                break
-    wall = time.perf_counter() - t_start
-    return samples / wall, wait / wall, loss.item()
+@dataclass
+class Served:
+    """What the demo's client saw of the prediction server while training ran."""
+
+    url: str = ""
+    answers: int = 0
+    correct: int = 0
+    versions: set[int] = field(default_factory=set)
+    error: str = ""
 
 
-def _resume(root: Path, after: int) -> tuple[int, float, bool]:
-    """State size in bytes, ms to the first batch after loading it, and whether batches match."""
-    pipe = _pipeline(root)
-    it = iter(pipe)
-    for _ in range(after):
-        next(it)
-    state = json.loads(json.dumps(pipe.state_dict()))
-    expected = next(it)
-    pipe.close()
-    t0 = time.perf_counter()
-    fresh = _pipeline(root)
-    fresh.load_state_dict(state)
-    got = next(iter(fresh))
-    ms = (time.perf_counter() - t0) * 1000
-    fresh.close()
-    same = all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
-    return len(json.dumps(state)), ms, same
+def _client(run: Path, samples: list[tuple[np.ndarray, int]], done: threading.Event) -> Served:
+    """Once weights are published, serve them and ask for predictions until training ends."""
+    served = Served()
+    weights = run / "weights"
+    while not done.is_set() and not any(weights.glob("v*.safetensors")):
+        done.wait(0.2)  # the first version comes with the first publish
+    if done.is_set():
+        served.error = "training ended before the first weights were published"
+        return served
+    with serve(run, port=0) as server:
+        served.url = server.url
+        i = 0
+        while not done.is_set() or served.answers == 0:
+            batch = samples[i % len(samples) : i % len(samples) + 16]
+            i += 16
+            body = json.dumps({"inputs": [x.tolist() for x, _ in batch]}).encode()
+            req = urllib.request.Request(
+                server.url + "/predict", body, {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                answer = json.loads(resp.read())
+            predicted = np.argmax(np.asarray(answer["outputs"]), axis=-1)
+            served.correct += int(sum(p == y for p, (_, y) in zip(predicted, batch, strict=True)))
+            served.answers += len(batch)
+            served.versions.add(int(answer["version"]))
+            done.wait(0.25)
+    return served
+
+
+def _validation(config: Config, n: int) -> list[tuple[np.ndarray, int]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(config.data.root) / WORKLOAD / "test.parquet").slice(0, n)
+    return [decode_center(row) for row in table.to_pylist()]
+
+
+def _figures(run: Path) -> tuple[float, float]:
+    """Training samples/s (summed over processes, medians of their windows) and input stall."""
+    from slipstream.tune._measure import rate_of
+
+    records = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    return rate_of(records)
 
 
 def run(
     quick: bool = False, directory: Path | None = None, say: Callable[[str], None] = print
 ) -> None:
-    """Run the demonstration; ``quick`` shrinks it to a few seconds."""
-    images, steps = (1024, 30) if quick else (8192, 300)
-    torch.set_num_threads(1)  # the model on one core, the pipeline's threads on the others
-    with tempfile.TemporaryDirectory(prefix="slipstream-demo-") as tmp:
-        root = directory or Path(tmp)
-        t0 = time.perf_counter()
-        paths = write_shards(root, images, shards=4)
-        mib = sum(p.stat().st_size for p in paths) / 2**20
-        say(
-            f"wrote {len(paths)} Parquet shards ({images:,} JPEG images, {mib:.1f} MiB) to {root} "
-            f"in {time.perf_counter() - t0:.1f} s"
+    """Run the demonstration in ``directory`` (default ``./slipstream-demo``); ``quick``
+    shrinks it to well under two minutes."""
+    root = (directory or Path("slipstream-demo")).resolve()
+    images, epochs, budget = (2_000, 1, 20) if quick else (20_000, 2, 60)
+    overrides = [
+        f"run={root / 'runs' / WORKLOAD}",
+        f"data.root={root / 'data'}",
+        f"data.size={images}",
+        f"train.epochs={epochs}",
+        "live.publish_every_steps=10",
+    ]
+    config = resolve(load_config(WORKLOAD, overrides))
+    run_dir = Path(config.run)
+
+    t0 = time.perf_counter()
+    build(config).close()  # writes the dataset the first time
+    shards = sorted((Path(config.data.root) / WORKLOAD).glob("train-*"))
+    mib = sum(p.stat().st_size for p in shards) / 2**20
+    say(
+        f"1. dataset: {images:,} JPEG images in {len(shards)} Parquet shards ({mib:.1f} MiB) "
+        f"under {Path(config.data.root) / WORKLOAD}, ready in {time.perf_counter() - t0:.1f} s"
+    )
+
+    say(f"2. tuning for {budget} s: what is fastest for this model and data on this machine")
+    tuned = tune_config(config, root / f"{WORKLOAD}.tuned.toml", budget, say=lambda _: None)
+    say("   " + tuned.result.table().replace("\n", "\n   "))
+    say(f"   wrote {tuned.path}")
+
+    config = tuned.config.replace("live", dashboard=True, console=False)
+    say(
+        f"3. training the chosen configuration ({config.train.strategy}); the dashboard URL "
+        "follows, weights are published every 10 steps and served as they come"
+    )
+    parts = build(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dumps(config))
+    done = threading.Event()
+    samples = _validation(config, 64)
+    client: list[Served] = []
+    thread = threading.Thread(
+        target=lambda: client.append(_client(run_dir, samples, done)), name="slipstream-demo"
+    )
+    thread.start()
+    live = live_of(config)
+    try:
+        t1 = time.perf_counter()
+        history = parts.trainer(live).fit(
+            parts.data.train, val=parts.data.val, epochs=config.train.epochs
         )
+        seconds = time.perf_counter() - t1
+    finally:
+        done.set()
+        thread.join(60)
+        parts.close()
+        live.close()
+    served = client[0] if client else Served(error="the client did not finish")
+    rate, stall = _figures(run_dir)
+    final = history.epochs[-1]
+    say("4. report")
+    say(
+        f"   accuracy: {final['val_acc']:.3f} on held-out images (goal {parts.goal}), "
+        f"after {history.steps} steps in {seconds:.1f} s"
+    )
+    say(f"   throughput: {rate:,.0f} samples/s; input stall {100 * stall:.1f}% of step time")
+    say(
+        f"   speed-up over the starting configuration: {tuned.result.speedup:.2f}× "
+        f"({tuned.result.label(tuned.result.best)})"
+    )
+    if served.error:
+        say(f"   serving: {served.error}")
+    else:
         say(
-            "pipeline: parquet → shuffle → map(decode_augment, 2 threads) → batch(64) → prefetch(4)"
+            f"   served while training: {served.answers} predictions from {served.url}, "
+            f"weights versions {sorted(served.versions)[:3]}…{max(served.versions)} swapped in "
+            f"live, {100 * served.correct / served.answers:.0f}% correct"
         )
-        pipe = _pipeline(root)
-        t0 = time.perf_counter()
-        n = sum(len(y) for _, y in pipe)
-        say(f"pipeline alone: {n / (time.perf_counter() - t0):,.0f} samples/s")
-        pipe.close()
-        pipe = _pipeline(root)  # a fresh one, so its stats are the training run's alone
-        rate, stall, loss = _train(pipe, steps)
-        say(
-            f"small CNN (1 thread) fed by the pipeline: {rate:,.0f} samples/s, input stall "
-            f"{100 * stall:.1f}% of wall time, final loss {loss:.3f}"
-        )
-        say("where the time went:\n" + str(pipe.stats()))
-        pipe.close()
-        size, ms, same = _resume(root, after=5)
-        verdict = "identical to" if same else "DIFFERENT from"
-        say(
-            f"resume: the state after 5 batches is {size} bytes; a fresh pipeline loaded it "
-            f"and gave its next batch in {ms:.0f} ms, {verdict} the uninterrupted run's"
-        )
-        if not same:
-            raise ss.PipelineError("the resumed batch differs from the uninterrupted run")
+    say(
+        f"   files: {run_dir} (config.toml, events.jsonl, weights/, tune/); dataset "
+        f"{Path(config.data.root) / WORKLOAD}; replay the run: slipstream dashboard {run_dir}"
+    )
+    say(f"   serve the final model: slipstream serve {run_dir}")
+    if served.error:
+        raise SlipstreamError(f"the demo's prediction client failed: {served.error}")

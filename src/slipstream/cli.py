@@ -219,16 +219,18 @@ def parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     demo = sub.add_parser(
         "demo",
-        help="the input pipeline end to end: throughput, input stall, resume",
-        description="Writes a sharded JPEG dataset, measures the pipeline, trains a small CNN "
-        "fed by it and resumes mid-epoch. Example: slipstream demo --quick",
+        help="the whole product in a few minutes: data, tune, train live, serve, report",
+        description="Writes a sharded JPEG dataset, tunes the images-cnn workload, trains the "
+        "chosen configuration with the dashboard live and weights published, serves "
+        "predictions from the live model, and reports accuracy, samples/s, input stall and "
+        "the speed-up. Example: slipstream demo --quick",
     )
-    demo.add_argument("--quick", action="store_true", help="a few seconds instead of a minute")
+    demo.add_argument("--quick", action="store_true", help="small sizes: under two minutes")
     demo.add_argument(
         "--dir",
         type=Path,
         default=None,
-        help="keep the dataset here (default: a temporary directory)",
+        help="where the dataset and the run go (default: ./slipstream-demo)",
     )
     demo.set_defaults(run_command=_demo)
     bench = sub.add_parser(

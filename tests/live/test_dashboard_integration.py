@@ -105,6 +105,31 @@ def test_a_finished_run_replays_and_runs_compare(tmp_path: Path, browser: Any) -
         dash.close()
 
 
+def test_the_advisors_trials_are_plotted(tmp_path: Path, browser: Any) -> None:
+    from slipstream.tune import Trial
+    from slipstream.tune._advisor import Probes, TuneResult
+    from slipstream.tune._report import write_records
+
+    start = {"threads": 2, "strategy": ("single", 1)}
+    trials = [Trial(start, 1000.0), Trial({**start, "threads": 1}, 1500.0)]
+    result = TuneResult(Probes(9e4, 1e3, 1e3, 1, "compute"), trials, trials[1], "converged", 9, 60)
+    directory = write_records(result, tmp_path / "run" / "tune").parent
+    dash = DashboardProcess([directory])
+    try:
+        page = browser.new_page()
+        page.goto(dash.url)
+        page.wait_for_function(
+            "() => +(document.querySelector('[data-figure=\"trial samples_per_s\"]')"
+            "?.dataset.points) === 2",
+            timeout=30_000,
+        )
+        assert "advisor trials 1500" in page.inner_text(
+            '[data-figure="trial samples_per_s"] .legend'
+        )
+    finally:
+        dash.close()
+
+
 def test_the_dashboard_guards_host_and_token(tmp_path: Path) -> None:
     train_digits(tmp_path, epochs=1)
     dash = DashboardProcess([tmp_path])

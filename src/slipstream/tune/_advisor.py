@@ -38,7 +38,7 @@ from slipstream.tune._measure import (
 from slipstream.tune._search import Knob, Setting, Trial, search
 
 PROBE_S = 1.5  # seconds each of the pipeline and step probes measures
-WINDOW_S = 0.3  # the length a trial's measuring window aims at
+WINDOW_S = 0.4  # the length a trial's measuring window aims at
 GAP = 0.8  # one side is the bottleneck when the other is this much faster or more
 
 
@@ -112,14 +112,14 @@ class TuneResult:
 
     def table(self) -> str:
         width = min(72, max(len(self.label(t)) for t in self.trials))
-        rows = [str(self.probes), f"  {'':<{width}}{'samples/s':>11}{'vs start':>10}"]
+        rows = [str(self.probes), f"  {'':<{width}}{'samples/s':>11}{'vs start':>10}{'runs':>6}"]
         for t in self.trials:
             ratio = t.rate / self.start.rate if self.start.rate > 0 else float("nan")
-            mark = "   ← chosen" if t is self.best else ""
+            mark = "   ← chosen" if t.setting == self.best.setting else ""
             if t.error:
                 mark = f"   failed: {t.error[:60]}"
             label = self.label(t)[:width]
-            rows.append(f"  {label:<{width}}{t.rate:>11,.0f}{ratio:>9.2f}×{mark}")
+            rows.append(f"  {label:<{width}}{t.rate:>11,.0f}{ratio:>9.2f}×{t.repeats:>6}{mark}")
         tail = (
             f"{len(self.trials)} trials in {self.seconds:.0f} s of a {self.budget_s:.0f} s budget"
         )
@@ -132,7 +132,7 @@ class TuneResult:
         return {
             "probes": asdict(self.probes),
             "trials": [asdict(t) for t in self.trials],
-            "best": self.trials.index(self.best),
+            "best": [t.setting for t in self.trials].index(self.best.setting),
             "stopped": self.stopped,
             "seconds": self.seconds,
             "budget_s": self.budget_s,
@@ -288,49 +288,71 @@ def tune(
     return result
 
 
+class Prober:
+    """The probes of one subject, and trials of its settings (what the search measures).
+
+    ``Prober(trainer, pipe, budget_s)`` runs the pipeline and step probes and measures the
+    configured setting; ``measure(setting)`` runs a trial; ``knobs()`` are the knobs for the
+    bottleneck found.
+    """
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        pipe: Pipeline,
+        budget_s: float,
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.trainer, self.pipe, self.say = trainer, pipe, say
+        self.start = start_setting(trainer, pipe)
+        say(f"probing: the pipeline alone, then {type(trainer.model).__name__}'s step alone")
+        p_rate, _ = timed(lambda: pipeline_alone(pipe, PROBE_S))
+        batch = cached_batch(pipe)
+        s_rate = step_alone(trainer, batch, PROBE_S, self.start["threads"])
+        n = max(1, batch_size(batch))
+        guess = min(p_rate, s_rate)  # samples/s together can be no more than either alone
+        self.every = int(min(200, max(2, round(WINDOW_S * guess / n))))
+        expected = (1 + WINDOWS) * self.every * n / max(guess, 1e-9)
+        self.cap_s = min(budget_s, max(10.0, 10 * expected))  # a far slower trial is cut
+        say("measuring as configured")
+        self.first = self._trial(self.start)
+        strategy = trainer.strategy
+        sync = strategy.name in ("ddp", "localsgd")
+        found = bottleneck(p_rate, s_rate, self.first.rate, strategy.workers, sync)
+        self.probes = Probes(p_rate, s_rate, self.first.rate, strategy.workers, found)
+        say(str(self.probes))
+
+    def measure(self, setting: Setting, *, fresh: bool = False) -> Trial:
+        """A trial of ``setting`` (the configured one was measured with the probes, and is
+        measured again only when ``fresh``)."""
+        return self.first if setting == self.start and not fresh else self._trial(setting)
+
+    def _trial(self, setting: Setting) -> Trial:
+        t = trial(self.trainer, self.pipe, setting, self.every, self.cap_s)
+        error = f"  ({t.error})" if t.error else ""
+        self.say(f"  {setting_label(self.start, setting):<40} {t.rate:>10,.0f} samples/s{error}")
+        return t
+
+    def knobs(self) -> list[Knob]:
+        cuda = torch.cuda.is_available()
+        return knobs_for(self.probes.bottleneck, self.start, self.trainer.model, cpu_count(), cuda)
+
+
 def _measure_and_search(
     trainer: Trainer, pipe: Pipeline, budget_s: float, say: Callable[[str], None]
 ) -> TuneResult:
     t0 = time.monotonic()
-    start = start_setting(trainer, pipe)
-    cores = cpu_count()
-    say(f"probing: the pipeline alone, then {type(trainer.model).__name__}'s step alone")
-    p_rate, _ = timed(lambda: pipeline_alone(pipe, PROBE_S))
-    batch = cached_batch(pipe)
-    s_rate = step_alone(trainer, batch, PROBE_S, start["threads"])
-    n = max(1, batch_size(batch))
-    guess = min(p_rate, s_rate)  # samples/s together can be no more than either alone
-    every = int(min(200, max(2, round(WINDOW_S * guess / n))))
-    expected = (1 + WINDOWS) * every * n / max(guess, 1e-9)
-    cap_s = min(budget_s, max(10.0, 10 * expected))  # a trial far slower than that is cut
-
-    def measure(setting: Setting) -> Trial:
-        t = trial(trainer, pipe, setting, every, cap_s)
-        say(
-            f"  {setting_label(start, setting):<40} {t.rate:>10,.0f} samples/s"
-            + (f"  ({t.error})" if t.error else "")
-        )
-        return t
-
-    say("measuring as configured, then searching")
-    first = measure(start)
-    strategy = trainer.strategy
-    found = bottleneck(
-        p_rate, s_rate, first.rate, strategy.workers, strategy.name in ("ddp", "localsgd")
-    )
-    probes = Probes(p_rate, s_rate, first.rate, strategy.workers, found)
-    say(str(probes))
-    knobs = knobs_for(found, start, trainer.model, cores, torch.cuda.is_available())
+    prober = Prober(trainer, pipe, budget_s, say)
     left = budget_s - (time.monotonic() - t0)
-    found_search = search(start, knobs, lambda s: first if s == start else measure(s), left)
+    found = search(prober.start, prober.knobs(), prober.measure, left)
     return TuneResult(
-        probes,
-        found_search.trials,
-        found_search.best or first,
-        found_search.stopped,
+        prober.probes,
+        found.trials,
+        found.best or prober.first,
+        found.stopped,
         time.monotonic() - t0,
         budget_s,
-        len(found_search.skipped),
+        len(found.skipped),
     )
 
 

@@ -133,7 +133,7 @@ def step_alone(trainer: Trainer, batch: Any, seconds: float, threads: int) -> fl
     batch = to_device(batch, t.device)
     n = batch_size(batch)
     with torch_threads(threads):
-        steps, t0 = -2, 0.0
+        steps, t0 = -5, 0.0  # warm-up steps: allocations, threads, caches
         while True:
             figures = t.train_step(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -148,18 +148,19 @@ def step_alone(trainer: Trainer, batch: Any, seconds: float, threads: int) -> fl
 
 def channels_last(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with channels-last weights, converting 4-d inputs to match before each call."""
-
-    def convert(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return tuple(
-            a.contiguous(memory_format=torch.channels_last)
-            if isinstance(a, torch.Tensor) and a.ndim == 4
-            else a
-            for a in args
-        )
-
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    model.register_forward_pre_hook(convert)
+    model.register_forward_pre_hook(_to_channels_last)
     return model
+
+
+def _to_channels_last(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A forward pre-hook (module level: spawned ranks unpickle it)."""
+    return tuple(
+        a.contiguous(memory_format=torch.channels_last)
+        if isinstance(a, torch.Tensor) and a.ndim == 4
+        else a
+        for a in args
+    )
 
 
 TRAINER_KNOBS = ("threads", "precision", "compile")
@@ -204,8 +205,12 @@ def trial(
                 p.close()
         except Exception as e:  # a setting that cannot run (out of memory, no compiler)
             return Trial(setting, 0.0, 0.0, time.perf_counter() - t0, f"{type(e).__name__}: {e}")
-        rate, stall = rate_of(feed.records())
-    return Trial(setting, rate, stall, time.perf_counter() - t0)
+        records = feed.records()
+    seconds = time.perf_counter() - t0
+    if not any(r.get("kind") == "train" for r in records):
+        return Trial(setting, 0.0, 0.0, seconds, f"no window measured within {cap_s:.0f} s")
+    rate, stall = rate_of(records)
+    return Trial(setting, rate, stall, seconds)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,9 @@ def plot_png(result: TuneResult, path: Path) -> Path:
     for i, t in enumerate(rows):
         y = _PAD * 2 + _ROW * (i + 1)
         width = int((_W - _LEFT - 90) * t.rate / top)
-        colour = "#16a34a" if t is result.best else "#94a3b8" if t.error else "#2563eb"
+        colour = (
+            "#16a34a" if t.setting == result.best.setting else "#94a3b8" if t.error else "#2563eb"
+        )
         draw.text((_PAD, y + 6), result.label(t)[:44], fill="#0f172a")
         draw.rectangle((_LEFT, y + 3, _LEFT + max(width, 1), y + _ROW - 5), fill=colour)
         ratio = t.rate / result.start.rate if result.start.rate > 0 else 0.0
@@ -48,7 +50,7 @@ def write_records(result: TuneResult, directory: Path) -> Path:
                 "samples_per_s": t.rate,
                 "stall": t.stall,
                 "label": result.label(t),
-                "chosen": t is result.best,
+                "chosen": t.setting == result.best.setting,
             }
             f.write(json.dumps(record) + "\n")
     return path

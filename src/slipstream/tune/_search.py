@@ -1,11 +1,15 @@
 """The search: coordinate descent over knobs, within a time budget it keeps.
 
 A *setting* maps each knob's name to a value. Starting from the configured setting, the search
-takes the knobs in order and tries each of a knob's values with everything else at the best
-setting so far; a value is kept when it is faster by more than ``margin`` (measurement noise
-must not pick a change). Passes repeat while one changed something, because knobs interact
-(threads per process after the process count changed). A trial is started only when the time
-it is expected to take (the slowest trial so far) fits in what is left of the budget.
+takes the knobs in order and tries each of a knob's options with everything else at the best
+setting so far. Passes repeat while one changed something, because knobs interact (threads per
+process after the process count changed).
+
+Measurements are noisy, so no single lucky trial picks a change: a setting that beats the best
+by more than ``margin`` is measured again, with the best, and kept only if the median of its
+measurements still beats the best's. Budget left once the search converges goes to measuring the
+leading settings again (up to ``REPEATS`` times each), and the best median wins. A trial is
+started only when the time it is expected to take (the slowest so far) fits in what is left.
 
 Measurement is a function passed in, so the search is tested on a deterministic objective.
 """
@@ -35,16 +39,20 @@ class Knob:
         return cls(name, tuple({name: v} for v in values))
 
 
+REPEATS = 3  # measurements of each leading setting, when the budget allows
+
+
 @dataclass(frozen=True)
 class Trial:
-    """One measured setting: samples per second (0 when it failed, ``error`` says why),
-    input stall, and the seconds it cost."""
+    """A measured setting: samples per second (the median of ``repeats`` measurements; 0 when
+    it failed, ``error`` says why), input stall, and the seconds its measurements cost."""
 
     setting: Setting
     rate: float
     stall: float = 0.0
     seconds: float = 0.0
     error: str = ""
+    repeats: int = 1
 
 
 @dataclass
@@ -69,46 +77,87 @@ def search(
 ) -> Search:
     """Search ``knobs`` from ``start`` (which is measured first) for ``budget_s`` seconds."""
     runner = _Runner(measure, clock() + budget_s, clock)
-    first = runner.run(dict(start))
-    assert first is not None  # the first trial always runs
-    out = runner.out
-    out.best = first
+    best = runner.run(dict(start))
+    assert best is not None  # the first trial always runs
+    stopped = "passes"
     for _ in range(max_passes):
         changed = False
         for knob in knobs:
             for option in knob.options:
-                best = out.best
                 if all(best.setting.get(k) == v for k, v in option.items()):
                     continue
                 trial = runner.run({**best.setting, **option})
                 if trial is not None and trial.rate > best.rate * (1 + margin):
-                    out.best, changed = trial, True
-        if out.skipped or not changed:
-            out.stopped = "budget" if out.skipped else "converged"
-            return out
-    out.stopped = "passes"
-    return out
+                    trial, best = runner.again(trial), runner.again(best)  # not a lucky one
+                    if trial.rate > best.rate * (1 + margin):
+                        best, changed = trial, True
+        if runner.skipped or not changed:
+            stopped = "budget" if runner.skipped else "converged"
+            break
+    return runner.finish(best, stopped, margin)
 
 
 class _Runner:
-    """Runs each setting once, while the budget allows."""
+    """Measures settings while the budget allows, and keeps each one's measurements."""
 
     def __init__(
         self, measure: Callable[[Setting], Trial], deadline: float, clock: Callable[[], float]
     ) -> None:
         self.measure, self.deadline, self.clock = measure, deadline, clock
-        self.out = Search()
-        self.tried: dict[str, Trial] = {}
+        self.measured: dict[str, list[Trial]] = {}  # by setting, in the order first tried
+        self.skipped: list[Setting] = []
+
+    def _fits(self) -> bool:
+        slowest = max((t.seconds for ts in self.measured.values() for t in ts), default=0.0)
+        return not self.measured or self.clock() + slowest <= self.deadline
 
     def run(self, setting: Setting) -> Trial | None:
+        """The setting's trial: measured now if it never was (and the budget allows)."""
         key = repr(sorted(setting.items()))
-        if key in self.tried:
-            return self.tried[key]
-        expected = max((t.seconds for t in self.out.trials), default=0.0)
-        if self.out.trials and self.clock() + expected > self.deadline:
-            self.out.skipped.append(setting)
+        if key in self.measured:
+            return self.summary(key)
+        if not self._fits():
+            self.skipped.append(setting)
             return None
-        trial = self.measure(setting)
-        self.tried[key] = trial
-        self.out.trials.append(trial)
-        return trial
+        self.measured[key] = [self.measure(setting)]
+        return self.summary(key)
+
+    def again(self, trial: Trial) -> Trial:
+        """``trial``'s setting measured once more (if the budget allows): the median so far."""
+        key = repr(sorted(trial.setting.items()))
+        if not trial.error and self._fits():
+            self.measured[key].append(self.measure(trial.setting))
+        return self.summary(key)
+
+    def summary(self, key: str) -> Trial:
+        runs = self.measured[key]
+        ok = [t for t in runs if not t.error]
+        rates = sorted(t.rate for t in ok) or [0.0]
+        stalls = sorted(t.stall for t in ok) or [0.0]
+        return Trial(
+            runs[0].setting,
+            rates[(len(rates) - 1) // 2],  # the lower median: a tie never flatters
+            stalls[(len(stalls) - 1) // 2],
+            sum(t.seconds for t in runs),
+            "" if ok else runs[-1].error,
+            len(runs),
+        )
+
+    def finish(self, best: Trial, stopped: str, margin: float) -> Search:
+        """Measure the leading settings again while the budget allows; another setting replaces
+        ``best`` only if its median beats best's by ``margin``."""
+        while self._fits():
+            leaders = sorted(self._trials(), key=lambda t: -t.rate)[:REPEATS]
+            fewest = min(leaders, key=lambda t: t.repeats)
+            if fewest.repeats >= REPEATS or fewest.error:
+                break
+            self.again(fewest)
+        trials = self._trials()
+        best = self.summary(repr(sorted(best.setting.items())))
+        leader = max(trials, key=lambda t: t.rate)
+        if leader.rate > best.rate * (1 + margin):
+            best = leader
+        return Search(trials, best, stopped, self.skipped)
+
+    def _trials(self) -> list[Trial]:
+        return [self.summary(key) for key in self.measured]

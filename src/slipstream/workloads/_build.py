@@ -26,6 +26,7 @@ from slipstream.live import Live
 from slipstream.train import Checkpoint, EarlyStopping, History, Timeout, Trainer
 from slipstream.train._metrics import Metric, accuracy, mae
 from slipstream.tune import TuneResult, tune
+from slipstream.tune._measure import channels_last
 from slipstream.tune._report import plot_png, write_records
 from slipstream.workloads import WORKLOADS
 from slipstream.workloads._base import Data, Goal, Workload
@@ -188,8 +189,7 @@ def build(config: Config) -> Parts:
     workload = WORKLOADS.get(m.name)
     model = workload.model(m) if workload else _factory(m.name)(**m.args)
     if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        model.register_forward_pre_hook(_channels_last)
+        model = channels_last(model)
     keras = m.backend == "keras"
     loss, metrics = _scoring(config, task, keras)
     return Parts(config, model, data, loss, metrics, task.goal if task else None)
@@ -206,15 +206,6 @@ def _scoring(
     if name == "mse" or (name == "auto" and task is None):
         return torch.nn.functional.mse_loss, {"mae": mae}
     return torch.nn.functional.cross_entropy, {"acc": accuracy}
-
-
-def _channels_last(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(
-        a.contiguous(memory_format=torch.channels_last)
-        if isinstance(a, torch.Tensor) and a.ndim == 4
-        else a
-        for a in args
-    )
 
 
 def make_optimizer(

@@ -1,0 +1,100 @@
+"""tune_quality: the advisor's choice against the best of an exhaustive grid over the same knobs.
+
+On the digits-cnn, images-cnn and text-clf workloads (``--quick``: digits-cnn alone): the
+advisor probes, names the bottleneck and searches the knobs for it; the grid measures every
+combination of the same knobs' options (torch.compile left out of both: one compile costs more
+than a grid row). Both use the same trials (warm-up window, then the median of four windows per
+process). The advisor's choice and the grid's best are then measured again, three times each in
+alternation, so that neither is favoured by the noise of its first measurement.
+Target: the choice reaches ≥ 95% of the grid best's throughput in ≤ 25% of the grid's time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from typing import Any
+
+from _common import emit, log, parser
+from slipstream.tune._advisor import Prober
+from slipstream.tune._search import Knob, Setting, search
+from slipstream.workloads._build import build, load_config, resolve
+
+WORKLOADS = {
+    "digits-cnn": [],
+    "images-cnn": ["data.size=8000"],
+    "text-clf": ["data.size=20000"],
+}
+
+
+def grid(start: Setting, knobs: list[Knob]) -> list[Setting]:
+    """Every combination of the knobs' options (and of leaving each as it starts)."""
+    settings: dict[str, Setting] = {}
+    for combo in itertools.product(*[(None, *k.options) for k in knobs]):
+        setting = dict(start)
+        for option in combo:
+            setting.update(option or {})
+        settings.setdefault(repr(sorted(setting.items())), setting)
+    return list(settings.values())
+
+
+def one(name: str, overrides: list[str], budget: float) -> dict[str, Any]:
+    config = resolve(load_config(name, [*overrides, "live.console=false"]))
+    parts = build(config)
+    try:
+        trainer, pipe = parts.trainer(callbacks=False), parts.data.train
+        t0 = time.perf_counter()
+        prober = Prober(trainer, pipe, budget, say=lambda _: None)
+        knobs = [k for k in prober.knobs() if k.name != "compile"]
+        found = search(prober.start, knobs, prober.measure, budget - (time.perf_counter() - t0))
+        advisor_s = time.perf_counter() - t0
+        assert found.best is not None
+        settings = grid(prober.start, knobs)
+        log(f"{name}: {prober.probes}; advisor {len(found.trials)} trials in {advisor_s:.0f} s; "
+            f"grid of {len(settings)}")  # fmt: skip
+        t0 = time.perf_counter()
+        rows = [prober.measure(s) for s in settings]
+        grid_s = time.perf_counter() - t0
+        grid_best = max(rows, key=lambda t: t.rate)
+        again: dict[str, list[float]] = {"advisor": [], "grid": []}
+        for _ in range(3):
+            again["advisor"].append(prober.measure(found.best.setting, fresh=True).rate)
+            again["grid"].append(prober.measure(grid_best.setting, fresh=True).rate)
+        advisor, best = statistics.median(again["advisor"]), statistics.median(again["grid"])
+        log(f"{name}: advisor {advisor:,.0f}/s, grid best {best:,.0f}/s; "
+            f"time {advisor_s:.0f} s against {grid_s:.0f} s")  # fmt: skip
+        return {
+            "bottleneck": prober.probes.bottleneck,
+            "advisor": {"choice": _plain(found.best.setting), "samples_per_s": advisor,
+                        "seconds": advisor_s, "trials": len(found.trials)},
+            "grid": {"best": _plain(grid_best.setting), "samples_per_s": best,
+                     "seconds": grid_s, "trials": len(rows)},
+            "throughput_ratio": advisor / best,
+            "time_ratio": advisor_s / grid_s,
+        }  # fmt: skip
+    finally:
+        parts.close()
+
+
+def _plain(setting: Setting) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()}
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    chosen = ["digits-cnn"] if args.quick else list(WORKLOADS)
+    results = {name: one(name, WORKLOADS[name], budget=120) for name in chosen}
+    emit(
+        "tune_quality",
+        results,
+        {
+            "throughput": min(r["throughput_ratio"] for r in results.values()),
+            "time": max(r["time_ratio"] for r in results.values()),
+        },
+        {"advisor_budget_s": 120, "workloads": WORKLOADS},
+    )
+
+
+if __name__ == "__main__":
+    main()
