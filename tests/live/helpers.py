@@ -124,7 +124,12 @@ def drift_stream(switch_at: int, seed: int = 0) -> Iterator[tuple[np.ndarray, np
 
 
 def train_stream(
-    run: Path, *, steps: int | None = None, switch_at: int = 10**12, **live: Any
+    run: Path,
+    *,
+    steps: int | None = None,
+    switch_at: int = 10**12,
+    strategy: str = "single",
+    **live: Any,
 ) -> ss.History:
     """Train Linear2 on the endless drift stream (until ``steps``, or a signal), with a Live
     feed and a Checkpoint in ``run``; prints how it stopped."""
@@ -135,6 +140,8 @@ def train_stream(
         optimizer=lambda p: torch.optim.Adam(p, lr=0.01),
         loss=torch.nn.functional.cross_entropy,
         metrics={"acc": ss.metrics.accuracy},
+        strategy=strategy,
+        workers=None if strategy == "single" else 2,
         callbacks=[ss.Checkpoint(run / "checkpoints", every_steps=100, keep=2)],
         live=ss.Live(run, **live),
     )

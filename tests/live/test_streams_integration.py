@@ -77,11 +77,15 @@ def test_the_served_model_follows_a_drifting_stream(tmp_path: Path) -> None:
     assert np.mean([a for s, a in acc.items() if s > switch + 500]) > 0.95  # recovered
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(
+    ("sig", "strategy"),
+    [(signal.SIGTERM, "single"), (signal.SIGINT, "single"), (signal.SIGINT, "ddp")],
+)
 def test_a_signal_stops_an_endless_stream_with_a_final_checkpoint(
-    tmp_path: Path, sig: signal.Signals
+    tmp_path: Path, sig: signal.Signals, strategy: str
 ) -> None:
-    proc = _stream_child(tmp_path, steps=None, publish_every_steps=50)
+    # under ddp the signal goes to the process that spawned the ranks: it passes it on
+    proc = _stream_child(tmp_path, steps=None, publish_every_steps=50, strategy=strategy)
     try:
         wait_for("training to get going", lambda: _trained_steps(tmp_path) >= 200)
         proc.send_signal(sig)

@@ -168,14 +168,17 @@ class _Ranked:
         group = Group(f"{self.name} rank", n, rank_main)
         try:
             results: dict[int, Any] = {}
-            while len(results) < n:
-                got = group.recv(timeout=None)  # wakes on a result, an error or a death
-                if got is not None:
-                    results[got[0]] = got[1][1]
+            with group.forwarding_signals() as signals:
+                while len(results) < n:
+                    got = group.recv(timeout=None)  # wakes on a result, an error or a death
+                    if got is not None:
+                        results[got[0]] = got[1][1]
         finally:
             group.close(grace=5.0)
         history, weights = results[0]
         trainer.model.load_state_dict(weights)
+        if signals:  # the ranks stopped on the signal passed on: name what this process got
+            history["stopped_by"] = f"signal {signals[0]}"
         return History(**history)
 
     def _run(self, trainer: Trainer, plan: FitPlan, local_world: int) -> History:

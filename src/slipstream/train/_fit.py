@@ -233,12 +233,14 @@ class Fit:
 def stop_on_signals(fit: Fit) -> Iterator[None]:
     """SIGINT and SIGTERM stop the run cleanly after the current step (callbacks then save the
     final checkpoint); a second one interrupts at once. Only where signals arrive (the main
-    thread), and not where SIGINT is ignored (ranks that slipstream spawned: their parent
-    decides how they stop)."""
-    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    if ignored or threading.current_thread() is not threading.main_thread():
+    thread). Ranks that slipstream spawned (SIGINT ignored: a terminal's Ctrl-C must not reach
+    them besides their parent) stop this way on SIGUSR1, which their parent sends when it is
+    stopped; SIGTERM still ends them at once (how a failed run's ranks are cleared away)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    spawned = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    stops = [signal.SIGUSR1] if spawned else [signal.SIGINT, signal.SIGTERM]
 
     def handler(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -246,7 +248,7 @@ def stop_on_signals(fit: Fit) -> Iterator[None]:
             raise KeyboardInterrupt(f"a second {name}: stopping at once")
         fit.stop(f"signal {name}")
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in stops}
     try:
         yield
     finally:

@@ -16,8 +16,9 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import signal
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -125,6 +126,34 @@ class Group:
             "an error; the run stopped. The OOM killer or a crash in native code are the usual "
             "causes"
         )
+
+    @contextlib.contextmanager
+    def forwarding_signals(self) -> Iterator[list[str]]:
+        """While inside, a SIGINT or SIGTERM to this process is passed on to the children as
+        SIGUSR1 (a rank's ``fit`` stops cleanly after its step on it); a second one interrupts
+        at once. Yields the names of the signals received. Only in the main thread, where
+        signals arrive."""
+        received: list[str] = []
+        if threading.current_thread() is not threading.main_thread():
+            yield received
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            received.append(signal.Signals(signum).name)
+            if len(received) > 1:
+                raise KeyboardInterrupt(f"a second {received[-1]}: stopping at once")
+            for rank, proc in enumerate(self.procs):
+                if rank not in self.exited and proc.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGUSR1)
+
+        stops = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.signal(s, handler) for s in stops}
+        try:
+            yield received
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def close(self, grace: float = 5.0) -> None:
         """Stop every child: those still working are terminated after ``grace`` seconds."""
