@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -20,6 +21,10 @@ from _common import emit, log, parser
 from slipstream.tune._advisor import Prober
 from slipstream.tune._search import Knob, Setting, search
 from slipstream.workloads._build import build, load_config, resolve
+
+MAX_GRID = 300  # settings; a balanced case's grid over every knob (1,152 for images-cnn) is hours
+COMPUTE = ("threads", "strategy", "batch", "precision", "channels_last")
+INPUT = ("map_workers", "map_mode", "prefetch", "batch")
 
 WORKLOADS = {
     "digits-cnn": [],
@@ -39,14 +44,17 @@ def grid(start: Setting, knobs: list[Knob]) -> list[Setting]:
     return list(settings.values())
 
 
-def one(name: str, overrides: list[str], budget: float) -> dict[str, Any]:
-    config = resolve(load_config(name, [*overrides, "live.console=false"]))
+def one(name: str, overrides: list[str], budget: float, root: str) -> dict[str, Any]:
+    config = resolve(load_config(name, [*overrides, "live.console=false", f"data.root={root}"]))
     parts = build(config)
     try:
         trainer, pipe = parts.trainer(callbacks=False), parts.data.train
         t0 = time.perf_counter()
         prober = Prober(trainer, pipe, budget, say=lambda _: None)
         knobs = [k for k in prober.knobs() if k.name != "compile"]
+        if len(grid(prober.start, knobs)) > MAX_GRID:  # balanced: compute and input knobs
+            group = INPUT if prober.probes.bottleneck == "input" else COMPUTE
+            knobs = [k for k in knobs if k.name in group]
         found = search(prober.start, knobs, prober.measure, budget - (time.perf_counter() - t0))
         advisor_s = time.perf_counter() - t0
         assert found.best is not None
@@ -84,7 +92,8 @@ def _plain(setting: Setting) -> dict[str, Any]:
 def main() -> None:
     args = parser(__doc__).parse_args()
     chosen = ["digits-cnn"] if args.quick else list(WORKLOADS)
-    results = {name: one(name, WORKLOADS[name], budget=120) for name in chosen}
+    with tempfile.TemporaryDirectory(prefix="tune-quality-") as root:
+        results = {name: one(name, WORKLOADS[name], 120, root) for name in chosen}
     emit(
         "tune_quality",
         results,

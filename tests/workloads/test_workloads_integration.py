@@ -9,9 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import slipstream as ss
+from slipstream._core.config import ConfigError, DataConfig, parse
+from slipstream.workloads import Data
 from slipstream.workloads._build import load_config, train
+from slipstream.workloads._digits import arrays
 from slipstream.workloads._images import read_cifar10
 
 # scikit-learn and Keras set environment variables of their own when first imported
@@ -93,3 +97,38 @@ def test_a_cifar_file_that_is_not_one_is_refused_unexecuted(tmp_path: Path) -> N
     path.write_bytes(pickle.dumps({b"data": Exploit()}))
     with pytest.raises(ss.CorruptDataError, match=r"not a CIFAR-10 Python batch: builtins.print"):
         read_cifar10(path)
+
+
+def tiny(width: int = 8) -> torch.nn.Module:
+    """A model factory of the user's own (``[model] name = "module:tiny"``)."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, width), torch.nn.ReLU(),
+                               torch.nn.Linear(width, 10))  # fmt: skip
+
+
+def digits_data(config: DataConfig) -> Data:
+    """A data factory of the user's own (``[data] name = "module:digits_data"``)."""
+    x, y, tx, ty = arrays()
+    return Data(ss.from_arrays((x, y)).shuffle(seed=config.seed).batch(config.batch),
+                ss.from_arrays((tx, ty)).batch(256))  # fmt: skip
+
+
+def not_data(config: DataConfig) -> int:
+    return 3
+
+
+def test_your_own_model_and_data_factories(tmp_path: Path) -> None:
+    here = "tests.workloads.test_workloads_integration"
+    table = {
+        "run": str(tmp_path / "run"),
+        "model": {"name": f"{here}:tiny", "args": {"width": 32}},
+        "data": {"name": f"{here}:digits_data", "batch": 32},
+        "train": {"loss": "cross_entropy", "epochs": 3, "lr": 0.01},
+        "live": {"console": False},
+    }
+    outcome = train(parse(table), say=lambda _: None)
+    assert outcome.goal is None and outcome.goal_met is None  # no stated quality: not a workload
+    assert outcome.final["val_acc"] > 0.8  # cross-entropy and accuracy, as train.loss said
+    with pytest.raises(ConfigError, match="returned int; a data factory returns"):
+        train(parse({**table, "data": {"name": f"{here}:not_data"}}), say=lambda _: None)
+    with pytest.raises(ConfigError, match=r"cannot import nothing from tests\.workloads"):
+        train(parse({**table, "model": {"name": f"{here}:nothing"}}), say=lambda _: None)

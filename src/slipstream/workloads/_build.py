@@ -60,10 +60,10 @@ def resolve(config: Config, *, cuda: bool | None = None) -> Config:
     _known("model.name", m.name)
     data_name = d.name or m.name
     _known("data.name", data_name)
-    if data_name not in WORKLOADS and m.name not in WORKLOADS and t.loss == "auto":
+    if data_name not in WORKLOADS and t.loss == "auto":
         raise ConfigError(
-            "train.loss = 'auto' needs a built-in workload as model or data; with your own "
-            "factories for both, set train.loss to 'cross_entropy' or 'mse'"
+            f"train.loss = 'auto' takes the loss of the data's workload; with your own data "
+            f"({data_name}) set train.loss to 'cross_entropy' or 'mse'"
         )
     if m.backend == "keras":
         if m.name in WORKLOADS and m.name not in KERAS_MODELS:
@@ -201,9 +201,9 @@ def _scoring(
     if keras:
         return None, None  # the compiled model's loss, metrics and optimizer
     name = config.train.loss
-    if name == "auto" and task is not None:
+    if name == "auto" and task is not None:  # resolve() saw to it that there is one
         return task.loss, dict(task.metrics)
-    if name == "mse" or (name == "auto" and task is None):
+    if name == "mse":
         return torch.nn.functional.mse_loss, {"mae": mae}
     return torch.nn.functional.cross_entropy, {"acc": accuracy}
 
