@@ -183,3 +183,20 @@ def test_two_machines_on_loopback_train_together(tmp_path: Path) -> None:
     assert len(results) == 2 and all(r[1] == "2" for r in results)
     assert float(results[0][2]) == float(results[1][2]) > 0.85
     assert ss.load_weights(tmp_path / "run", cnn()) is not None
+
+
+def test_forked_workers_read_parquet_the_parent_had_open(tmp_path: Path) -> None:
+    """Hogwild workers fork with the parent's open Parquet files: sharing their offsets
+    would interleave reads (pyarrow: "Corrupt snappy compressed data"); each opens its own."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x, y = digits()
+    images = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 64)
+    pq.write_table(pa.table({"x": images, "y": y}), tmp_path / "d.parquet", row_group_size=32)
+    pipe = ss.from_parquet(str(tmp_path / "d.parquet")).shuffle(seed=0).batch(16)
+    next(iter(pipe))  # the parent opens the file before the workers fork
+    flat = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    history = trainer(flat, strategy="hogwild", workers=2).fit(pipe, epochs=3)
+    shards = (len(y) + 1) // 2, len(y) // 2  # each worker its half, in batches of 16
+    assert history.steps == 3 * sum(-(-n // 16) for n in shards)

@@ -7,6 +7,7 @@ block-window shuffle (the default for Parquet) reads every row group once per ep
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import OrderedDict
 from typing import Any
 
@@ -68,6 +69,7 @@ class ParquetSource:
         self.columns = columns
         self.cache_blocks = positive_int("cache_blocks", cache_blocks)
         self._files: OrderedDict[int, Any] = OrderedDict()  # a few open files, most recent last
+        self._pid = os.getpid()  # the process that opened them
         blocks = [(f, rg, n) for f in range(len(self.paths)) for rg, n in self._row_groups(f)]
         self._block_file = np.array([b[0] for b in blocks], dtype=np.int64)
         self._block_rg = np.array([b[1] for b in blocks], dtype=np.int64)
@@ -76,6 +78,9 @@ class ParquetSource:
         self._cache: OrderedDict[int, Any] = OrderedDict()
 
     def _open(self, f: int) -> Any:
+        if self._pid != os.getpid():  # forked (a Hogwild worker, a rank): the parent's open
+            self._files.clear()  # files share their offsets with it, so each process opens its
+            self._pid = os.getpid()  # own (the parent's stay open for the parent)
         if f in self._files:
             self._files.move_to_end(f)
             return self._files[f][0]
