@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from slipstream._core.config import DataConfig, ModelConfig
+from slipstream._core.extras import require
 from slipstream.data import Pipeline
 from slipstream.train._metrics import Metric
 
@@ -75,6 +76,18 @@ def dataset_dir(config: DataConfig, name: str, recipe: Mapping[str, Any]) -> tup
 def finish_dataset(root: Path, recipe: Mapping[str, Any]) -> None:
     """Mark ``root`` complete (written last: an interrupted write is redone next time)."""
     (root / "dataset.json").write_text(json.dumps(dict(recipe), sort_keys=True))
+
+
+def write_parquet(path: Path, columns: Mapping[str, Any], row_group: int) -> None:
+    """A Parquet file of ``columns`` (arrays, lists, pyarrow arrays), ``row_group`` rows a group."""
+    pa = require("pyarrow", feature="the built-in workloads")
+    pq = require("pyarrow.parquet", feature="the built-in workloads")
+    pq.write_table(pa.table(dict(columns)), path, row_group_size=row_group)
+
+
+def shards(n: int, per: int) -> list[int]:
+    """Sample counts of the shards that hold ``n`` samples, ``per`` to a shard."""
+    return [min(per, n - start) for start in range(0, n, per)]
 
 
 def feed(

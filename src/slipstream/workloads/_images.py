@@ -24,7 +24,15 @@ from slipstream._core.errors import ArgumentError, CorruptDataError
 from slipstream._core.extras import require
 from slipstream.data import sample_rng
 from slipstream.train._metrics import accuracy
-from slipstream.workloads._base import Data, Goal, Workload, dataset_dir, feed, finish_dataset
+from slipstream.workloads._base import (
+    Data,
+    Goal,
+    Workload,
+    dataset_dir,
+    feed,
+    finish_dataset,
+    write_parquet,
+)
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -64,10 +72,8 @@ def write_shards(root: Path, images: int, shards: int, size: int = 48, seed: int
 
 
 def _parquet(path: Path, rows: list[tuple[bytes, int]]) -> None:
-    pa = require("pyarrow", feature="the images-cnn workload")
-    pq = require("pyarrow.parquet", feature="the images-cnn workload")
-    table = pa.table({"image": [r[0] for r in rows], "label": [r[1] for r in rows]})
-    pq.write_table(table, path, row_group_size=256)
+    columns = {"image": [r[0] for r in rows], "label": [r[1] for r in rows]}
+    write_parquet(path, columns, row_group=256)
 
 
 def _tar(path: Path, rows: list[tuple[bytes, int]], first: int) -> None:

@@ -16,7 +16,16 @@ import slipstream.data as sd
 from slipstream._core.config import DataConfig, ModelConfig
 from slipstream._core.extras import require
 from slipstream.train._metrics import accuracy
-from slipstream.workloads._base import Data, Goal, Workload, dataset_dir, feed, finish_dataset
+from slipstream.workloads._base import (
+    Data,
+    Goal,
+    Workload,
+    dataset_dir,
+    feed,
+    finish_dataset,
+    shards,
+    write_parquet,
+)
 
 FEATURES, CLASSES = 784, 10
 SIZE = 60_000  # training samples by default; the test set is a sixth of that
@@ -46,9 +55,8 @@ def generate(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     pa = require("pyarrow", feature="the mlp-784 workload")
-    pq = require("pyarrow.parquet", feature="the mlp-784 workload")
     column = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), FEATURES)
-    pq.write_table(pa.table({"x": column, "y": y}), path, row_group_size=1024)
+    write_parquet(path, {"x": column, "y": y}, row_group=1024)
 
 
 def model(config: ModelConfig) -> Any:
@@ -60,8 +68,8 @@ def data(config: DataConfig) -> Data:
     recipe = {"size": n, "version": 1}
     root, fresh = dataset_dir(config, "mlp-784", recipe)
     if fresh:
-        for s, start in enumerate(range(0, n, SHARD)):
-            write(root / f"train-{s:03d}.parquet", *generate(min(SHARD, n - start), seed=1 + s))
+        for s, count in enumerate(shards(n, SHARD)):
+            write(root / f"train-{s:03d}.parquet", *generate(count, seed=1 + s))
         write(root / "test.parquet", *generate(max(1024, n // 6), seed=0))
         finish_dataset(root, recipe)
     train = feed(sd.from_parquet(str(root / "train-*.parquet")), config)

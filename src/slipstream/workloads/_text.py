@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,17 @@ import torch
 
 import slipstream.data as sd
 from slipstream._core.config import DataConfig, ModelConfig
-from slipstream._core.extras import require
 from slipstream.train._metrics import accuracy
-from slipstream.workloads._base import Data, Goal, Workload, dataset_dir, feed, finish_dataset
+from slipstream.workloads._base import (
+    Data,
+    Goal,
+    Workload,
+    dataset_dir,
+    feed,
+    finish_dataset,
+    shards,
+    write_parquet,
+)
 
 TOPICS = 4
 BUCKETS = 1 << 15
@@ -93,11 +102,9 @@ def generate(n: int, seed: int) -> tuple[list[str], np.ndarray]:
     return docs, labels.astype(np.int64)
 
 
-def _write(path: Any, n: int, seed: int) -> None:
-    pa = require("pyarrow", feature="the text-clf workload")
-    pq = require("pyarrow.parquet", feature="the text-clf workload")
+def _write(path: Path, n: int, seed: int) -> None:
     docs, labels = generate(n, seed)
-    pq.write_table(pa.table({"text": docs, "label": labels}), path, row_group_size=1000)
+    write_parquet(path, {"text": docs, "label": labels}, row_group=1000)
 
 
 def model(config: ModelConfig) -> Any:
@@ -109,8 +116,8 @@ def data(config: DataConfig) -> Data:
     recipe = {"size": n, "version": 1}
     root, fresh = dataset_dir(config, "text-clf", recipe)
     if fresh:
-        for s, start in enumerate(range(0, n, SHARD)):
-            _write(root / f"train-{s:03d}.parquet", min(SHARD, n - start), seed=1 + s)
+        for s, count in enumerate(shards(n, SHARD)):
+            _write(root / f"train-{s:03d}.parquet", count, seed=1 + s)
         _write(root / "test.parquet", max(1000, n // 10), seed=0)
         finish_dataset(root, recipe)
     train = feed(sd.from_parquet(str(root / "train-*.parquet")), config, tokenize, collate=collate)
