@@ -20,6 +20,9 @@ import numpy as np
 from slipstream._core.config import Config, dumps
 from slipstream._core.errors import SlipstreamError
 from slipstream.live import serve
+from slipstream.train import History
+from slipstream.tune import TuneResult
+from slipstream.workloads import Goal
 from slipstream.workloads._build import build, live_of, load_config, resolve, tune_config
 from slipstream.workloads._images import decode_center
 
@@ -96,16 +99,7 @@ def run(
         "live.publish_every_steps=10",
     ]
     config = resolve(load_config(WORKLOAD, overrides))
-    run_dir = Path(config.run)
-
-    t0 = time.perf_counter()
-    build(config).close()  # writes the dataset the first time
-    shards = sorted((Path(config.data.root) / WORKLOAD).glob("train-*"))
-    mib = sum(p.stat().st_size for p in shards) / 2**20
-    say(
-        f"1. dataset: {images:,} JPEG images in {len(shards)} Parquet shards ({mib:.1f} MiB) "
-        f"under {Path(config.data.root) / WORKLOAD}, ready in {time.perf_counter() - t0:.1f} s"
-    )
+    _dataset(config, say)
 
     say(f"2. tuning for {budget} s: what is fastest for this model and data on this machine")
     tuned = tune_config(config, root / f"{WORKLOAD}.tuned.toml", budget, say=lambda _: None)
@@ -117,6 +111,35 @@ def run(
         f"3. training the chosen configuration ({config.train.strategy}); the dashboard URL "
         "follows, weights are published every 10 steps and served as they come"
     )
+    trained = _train_serving(config)
+    _report(config, tuned.result, trained, say)
+    if trained.served.error:
+        raise SlipstreamError(f"the demo's prediction client failed: {trained.served.error}")
+
+
+def _dataset(config: Config, say: Callable[[str], None]) -> None:
+    t0 = time.perf_counter()
+    build(config).close()  # writes the dataset the first time
+    where = Path(config.data.root) / WORKLOAD
+    shards = sorted(where.glob("train-*"))
+    mib = sum(p.stat().st_size for p in shards) / 2**20
+    say(
+        f"1. dataset: {config.data.size:,} JPEG images in {len(shards)} Parquet shards "
+        f"({mib:.1f} MiB) under {where}, ready in {time.perf_counter() - t0:.1f} s"
+    )
+
+
+@dataclass
+class Trained:
+    history: History
+    seconds: float
+    served: Served
+    goal: Goal | None
+
+
+def _train_serving(config: Config) -> Trained:
+    """Train ``config`` with its live feed while a client thread serves and queries it."""
+    run_dir = Path(config.run)
     parts = build(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(dumps(config))
@@ -129,28 +152,35 @@ def run(
     thread.start()
     live = live_of(config)
     try:
-        t1 = time.perf_counter()
+        t0 = time.perf_counter()
         history = parts.trainer(live).fit(
             parts.data.train, val=parts.data.val, epochs=config.train.epochs
         )
-        seconds = time.perf_counter() - t1
+        seconds = time.perf_counter() - t0
     finally:
         done.set()
         thread.join(60)
         parts.close()
         live.close()
     served = client[0] if client else Served(error="the client did not finish")
+    return Trained(history, seconds, served, parts.goal)
+
+
+def _report(
+    config: Config, tuned: TuneResult, trained: Trained, say: Callable[[str], None]
+) -> None:
+    run_dir = Path(config.run)
     rate, stall = _figures(run_dir)
-    final = history.epochs[-1]
+    history, served = trained.history, trained.served
     say("4. report")
     say(
-        f"   accuracy: {final['val_acc']:.3f} on held-out images (goal {parts.goal}), "
-        f"after {history.steps} steps in {seconds:.1f} s"
+        f"   accuracy: {history.epochs[-1]['val_acc']:.3f} on held-out images (goal "
+        f"{trained.goal}), after {history.steps} steps in {trained.seconds:.1f} s"
     )
     say(f"   throughput: {rate:,.0f} samples/s; input stall {100 * stall:.1f}% of step time")
     say(
-        f"   speed-up over the starting configuration: {tuned.result.speedup:.2f}× "
-        f"({tuned.result.label(tuned.result.best)})"
+        f"   speed-up over the starting configuration: {tuned.speedup:.2f}× "
+        f"({tuned.label(tuned.best)})"
     )
     if served.error:
         say(f"   serving: {served.error}")
@@ -165,5 +195,3 @@ def run(
         f"{Path(config.data.root) / WORKLOAD}; replay the run: slipstream dashboard {run_dir}"
     )
     say(f"   serve the final model: slipstream serve {run_dir}")
-    if served.error:
-        raise SlipstreamError(f"the demo's prediction client failed: {served.error}")

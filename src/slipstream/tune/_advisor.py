@@ -32,7 +32,6 @@ from slipstream.tune._measure import (
     cached_batch,
     pipeline_alone,
     step_alone,
-    timed,
     trial,
 )
 from slipstream.tune._search import Knob, Setting, Trial, search
@@ -306,7 +305,7 @@ class Prober:
         self.trainer, self.pipe, self.say = trainer, pipe, say
         self.start = start_setting(trainer, pipe)
         say(f"probing: the pipeline alone, then {type(trainer.model).__name__}'s step alone")
-        p_rate, _ = timed(lambda: pipeline_alone(pipe, PROBE_S))
+        p_rate = pipeline_alone(pipe, PROBE_S)
         batch = cached_batch(pipe)
         s_rate = step_alone(trainer, batch, PROBE_S, self.start["threads"])
         n = max(1, batch_size(batch))

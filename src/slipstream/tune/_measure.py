@@ -18,7 +18,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -222,9 +222,3 @@ def _environ_kept() -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-def timed(fn: Callable[[], float]) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - t0

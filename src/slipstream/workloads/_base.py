@@ -85,9 +85,25 @@ def write_parquet(path: Path, columns: Mapping[str, Any], row_group: int) -> Non
     pq.write_table(pa.table(dict(columns)), path, row_group_size=row_group)
 
 
-def shards(n: int, per: int) -> list[int]:
-    """Sample counts of the shards that hold ``n`` samples, ``per`` to a shard."""
-    return [min(per, n - start) for start in range(0, n, per)]
+def generated_shards(
+    config: DataConfig,
+    name: str,
+    n: int,
+    per: int,
+    test: int,
+    write: Callable[[Path, int, int], None],
+) -> Path:
+    """Workload ``name``'s generated dataset under ``[data] root``, written the first time:
+    ``n`` training samples in ``train-NNN.parquet`` shards of ``per`` and ``test`` samples in
+    ``test.parquet``; ``write(path, count, seed)`` writes one file (seed 0 is the test set's)."""
+    recipe = {"size": n, "version": 1}
+    root, fresh = dataset_dir(config, name, recipe)
+    if fresh:
+        for s, start in enumerate(range(0, n, per)):
+            write(root / f"train-{s:03d}.parquet", min(per, n - start), 1 + s)
+        write(root / "test.parquet", test, 0)
+        finish_dataset(root, recipe)
+    return root
 
 
 def feed(

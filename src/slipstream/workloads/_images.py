@@ -58,19 +58,6 @@ def _jpeg(img: Any) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(root: Path, images: int, shards: int, size: int = 48, seed: int = 0) -> list[Path]:
-    """``images`` generated JPEGs in ``shards`` Parquet files ``train-NNN.parquet``."""
-    root.mkdir(parents=True, exist_ok=True)
-    per = -(-images // shards)
-    samples = generate(images, seed, size)
-    paths = []
-    for s in range(shards):
-        path = root / f"train-{s:03d}.parquet"
-        _parquet(path, [next(samples) for _ in range(min(per, images - s * per))])
-        paths.append(path)
-    return paths
-
-
 def _parquet(path: Path, rows: list[tuple[bytes, int]]) -> None:
     columns = {"image": [r[0] for r in rows], "label": [r[1] for r in rows]}
     write_parquet(path, columns, row_group=256)
@@ -136,15 +123,6 @@ class ImagesCNN(torch.nn.Sequential):
             *block(3, width), *block(width, 2 * width), *block(2 * width, 4 * width),
             torch.nn.Flatten(), torch.nn.Linear(4 * width * 16, classes),
         )  # fmt: skip
-
-
-def small_cnn(classes: int = 3) -> torch.nn.Module:
-    """Two convolution blocks: the pipeline demonstration's model."""
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(32 * 8 * 8, classes),
-    )  # fmt: skip
 
 
 class _ArraysOnly(pickle.Unpickler):

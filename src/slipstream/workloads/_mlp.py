@@ -16,16 +16,7 @@ import slipstream.data as sd
 from slipstream._core.config import DataConfig, ModelConfig
 from slipstream._core.extras import require
 from slipstream.train._metrics import accuracy
-from slipstream.workloads._base import (
-    Data,
-    Goal,
-    Workload,
-    dataset_dir,
-    feed,
-    finish_dataset,
-    shards,
-    write_parquet,
-)
+from slipstream.workloads._base import Data, Goal, Workload, feed, generated_shards, write_parquet
 
 FEATURES, CLASSES = 784, 10
 SIZE = 60_000  # training samples by default; the test set is a sixth of that
@@ -53,8 +44,9 @@ def generate(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.tanh(x @ rotation).astype(np.float32), y.astype(np.int64)
 
 
-def write(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+def _write(path: Path, n: int, seed: int) -> None:
     pa = require("pyarrow", feature="the mlp-784 workload")
+    x, y = generate(n, seed)
     column = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), FEATURES)
     write_parquet(path, {"x": column, "y": y}, row_group=1024)
 
@@ -65,13 +57,7 @@ def model(config: ModelConfig) -> Any:
 
 def data(config: DataConfig) -> Data:
     n = config.size or SIZE
-    recipe = {"size": n, "version": 1}
-    root, fresh = dataset_dir(config, "mlp-784", recipe)
-    if fresh:
-        for s, count in enumerate(shards(n, SHARD)):
-            write(root / f"train-{s:03d}.parquet", *generate(count, seed=1 + s))
-        write(root / "test.parquet", *generate(max(1024, n // 6), seed=0))
-        finish_dataset(root, recipe)
+    root = generated_shards(config, "mlp-784", n, SHARD, max(1024, n // 6), _write)
     train = feed(sd.from_parquet(str(root / "train-*.parquet")), config)
     return Data(train, sd.from_parquet(str(root / "test.parquet")).batch(1024))
 

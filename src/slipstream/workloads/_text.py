@@ -20,16 +20,7 @@ import torch
 import slipstream.data as sd
 from slipstream._core.config import DataConfig, ModelConfig
 from slipstream.train._metrics import accuracy
-from slipstream.workloads._base import (
-    Data,
-    Goal,
-    Workload,
-    dataset_dir,
-    feed,
-    finish_dataset,
-    shards,
-    write_parquet,
-)
+from slipstream.workloads._base import Data, Goal, Workload, feed, generated_shards, write_parquet
 
 TOPICS = 4
 BUCKETS = 1 << 15
@@ -113,13 +104,7 @@ def model(config: ModelConfig) -> Any:
 
 def data(config: DataConfig) -> Data:
     n = config.size or SIZE
-    recipe = {"size": n, "version": 1}
-    root, fresh = dataset_dir(config, "text-clf", recipe)
-    if fresh:
-        for s, count in enumerate(shards(n, SHARD)):
-            _write(root / f"train-{s:03d}.parquet", count, seed=1 + s)
-        _write(root / "test.parquet", max(1000, n // 10), seed=0)
-        finish_dataset(root, recipe)
+    root = generated_shards(config, "text-clf", n, SHARD, max(1000, n // 10), _write)
     train = feed(sd.from_parquet(str(root / "train-*.parquet")), config, tokenize, collate=collate)
     val = sd.from_parquet(str(root / "test.parquet")).map(tokenize).batch(1000, collate=collate)
     return Data(train, val)
