@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import slipstream as ss
-from tests.train.helpers import cnn, digits, pipes, trainer
+from tests.train.helpers import cnn, digits, pipes, same_weights, trainer
 
 pytestmark = pytest.mark.integration
 
@@ -183,6 +183,51 @@ def test_two_machines_on_loopback_train_together(tmp_path: Path) -> None:
     assert len(results) == 2 and all(r[1] == "2" for r in results)
     assert float(results[0][2]) == float(results[1][2]) > 0.85
     assert ss.load_weights(tmp_path / "run", cnn()) is not None
+
+
+ELASTIC = r"""
+import os, sys
+import slipstream as ss
+from tests.train.helpers import pipes, trainer
+
+class FailOnce(ss.Callback):
+    def __init__(self):
+        self.trained = 0  # updates this attempt made
+
+    def on_step_end(self, fit):
+        self.trained += 1
+        first = os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"
+        if sys.argv[2] == "fail" and first and os.environ["RANK"] == "1" and fit.step == 7:
+            raise RuntimeError("rank one broke on purpose")
+
+count = FailOnce()
+t = trainer(strategy="ddp", deterministic=True,
+            callbacks=[ss.Checkpoint(sys.argv[1], every_steps=4), count])
+history = t.fit(pipes(n=640)[0], epochs=2, resume=sys.argv[1])
+rank, attempt = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
+os.write(1, f"RESULT {rank} {attempt} {history.steps} {count.trained}\n".encode())  # one write
+"""
+
+
+def test_torchrun_restarts_a_failed_job_from_its_latest_checkpoint(tmp_path: Path) -> None:
+    script = tmp_path / "elastic.py"
+    script.write_text(ELASTIC)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+
+    def torchrun(run: str, fail: str) -> list[list[str]]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", "--max-restarts=1", "--monitor-interval=0.5",
+               str(script), str(tmp_path / run), fail]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+        return [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("RESULT")]
+
+    restarted = torchrun("restarted", "fail")
+    # both ranks ran a second attempt, which trained only the updates after checkpoint 4
+    assert sorted(restarted) == [["0", "1", "20", "16"], ["1", "1", "20", "16"]], restarted
+    assert sorted(torchrun("whole", "-")) == [["0", "0", "20", "20"], ["1", "0", "20", "20"]]
+    restarted_model = ss.load_weights(tmp_path / "restarted", cnn())
+    assert same_weights(restarted_model, ss.load_weights(tmp_path / "whole", cnn()))
 
 
 def test_forked_workers_read_parquet_the_parent_had_open(tmp_path: Path) -> None:

@@ -197,6 +197,50 @@ def test_fit_together_trains_each_model_on_every_batch_read_once() -> None:
     assert ha["val_acc"][-1] > 0.8 and hb["val_acc"][-1] > 0.8
 
 
+class StopAt(ss.Callback):
+    """Stops the run after update ``step`` (as a crash would, but with the final checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, fit: object) -> None:
+        if fit.step == self.step:  # type: ignore[attr-defined]
+            fit.stop("test")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("stateful", [True, False], ids=["pipeline", "plain-iterable"])
+def test_fit_together_resumes_each_model_where_its_checkpoint_was(
+    tmp_path: Path, stateful: bool
+) -> None:
+    def train() -> object:
+        pipe = pipes(n=640)[0]  # 20 batches an epoch
+        return pipe if stateful else list(pipe)  # a list: the same order every epoch, no state
+
+    def pair(stops: tuple[int, int] = (0, 0)) -> list[ss.Trainer]:
+        return [
+            trainer(cnn(seed=i), threads=1, callbacks=[
+                ss.Checkpoint(tmp_path / str(i), every_steps=4), StopAt(stops[i])
+            ])
+            for i in range(2)
+        ]  # fmt: skip
+
+    whole = pair()
+    ss.fit_together(whole, train(), epochs=3)
+    for d in ("0", "1"):
+        __import__("shutil").rmtree(tmp_path / d)
+
+    first = pair(stops=(7, 26))  # model 0 stops in epoch 0, model 1 in epoch 1
+    ha, hb = ss.fit_together(first, train(), epochs=3)
+    assert (ha.steps, hb.steps) == (7, 26)
+    again = pair()
+    ha, hb = ss.fit_together(again, train(), epochs=3, resume=[tmp_path / "0", tmp_path / "1"])
+    assert ha.steps == hb.steps == 60
+    for a, b in zip(whole, again, strict=True):
+        assert same_weights(a.model, b.model)
+    with pytest.raises(ss.ArgumentError, match=r"one run directory.*per trainer"):
+        ss.fit_together(pair(), train(), resume=[tmp_path / "0"])
+
+
 def test_fit_together_lets_one_model_stop_early() -> None:
     class StopAtOne(ss.Callback):
         def on_epoch_end(self, fit: object, logs: dict[str, float]) -> None:

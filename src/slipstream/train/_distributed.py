@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import PrefixStore, Store, TCPStore  # type: ignore[attr-defined]
 from torch.nn.parallel import DistributedDataParallel
 
 from slipstream._core.checks import positive_int, positive_number
@@ -130,23 +131,38 @@ class _Ranked:
         if cluster is None:
             return self._spawn(trainer, plan)
         self._init(
-            trainer,
-            f"tcp://{cluster.addr}:{cluster.port}",
-            cluster.rank,
-            cluster.world,
-            cluster.local_rank,
+            trainer, self._rendezvous(cluster), cluster.rank, cluster.world, cluster.local_rank
         )
         try:
             return self._run(trainer, plan, cluster.local_world)
         finally:
             dist.destroy_process_group()
 
-    def _init(self, trainer: Trainer, url: str, rank: int, world: int, local_rank: int) -> None:
+    def _rendezvous(self, cluster: Cluster) -> str | Store:
+        """Where the ranks meet: the launcher's address, or under torchrun the store its agent
+        keeps, with this attempt's keys apart (the agent keeps one store across restarts, and
+        a restarted rank must not read the addresses of the ranks that died)."""
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            return f"tcp://{cluster.addr}:{cluster.port}"
+        store = TCPStore(
+            cluster.addr,
+            cluster.port,
+            cluster.world,
+            is_master=False,
+            timeout=datetime.timedelta(seconds=self.timeout),
+        )
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return PrefixStore(f"slipstream/attempt-{attempt}", store)
+
+    def _init(
+        self, trainer: Trainer, meet: str | Store, rank: int, world: int, local_rank: int
+    ) -> None:
         if trainer.device.type == "cuda":
             trainer.device = torch.device("cuda", local_rank % torch.cuda.device_count())
         dist.init_process_group(
             self._backend(trainer),
-            init_method=url,
+            init_method=meet if isinstance(meet, str) else None,
+            store=None if isinstance(meet, str) else meet,
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=self.timeout),

@@ -5,11 +5,13 @@ takes the knobs in order and tries each of a knob's options with everything else
 setting so far. Passes repeat while one changed something, because knobs interact (threads per
 process after the process count changed).
 
-Measurements are noisy, so no single lucky trial picks a change: a setting that beats the best
-by more than ``margin`` is measured again, with the best, and kept only if the median of its
-measurements still beats the best's. Budget left once the search converges goes to measuring the
-leading settings again (up to ``REPEATS`` times each), and the best median wins. A trial is
-started only when the time it is expected to take (the slowest so far) fits in what is left.
+Measurements are noisy, so no single trial decides: a setting measured near the best (less
+than ``doubt`` behind) or ahead of it is measured again, alternating with the best, until the
+medians tell them apart, and it replaces the best only if its median beats the best's by
+``margin``. A lucky trial is not believed, and an unlucky one does not bury a good setting.
+Budget left once the search converges goes to measuring the leading settings again (up to
+``REPEATS`` times each), and the best median wins. A trial is started only when the time it
+is expected to take (the slowest so far) fits in what is left.
 
 Measurement is a function passed in, so the search is tested on a deterministic objective.
 """
@@ -72,10 +74,14 @@ def search(
     budget_s: float,
     *,
     margin: float = 0.03,
+    doubt: float = 0.12,
     clock: Callable[[], float] = time.monotonic,
     max_passes: int = 3,
 ) -> Search:
-    """Search ``knobs`` from ``start`` (which is measured first) for ``budget_s`` seconds."""
+    """Search ``knobs`` from ``start`` (which is measured first) for ``budget_s`` seconds.
+
+    A setting replaces the best when the median of its measurements beats the best's by
+    ``margin``; one measured within ``doubt`` below the best is measured again, with it."""
     runner = _Runner(measure, clock() + budget_s, clock)
     best = runner.run(dict(start))
     assert best is not None  # the first trial always runs
@@ -87,8 +93,8 @@ def search(
                 if all(best.setting.get(k) == v for k, v in option.items()):
                     continue
                 trial = runner.run({**best.setting, **option})
-                if trial is not None and trial.rate > best.rate * (1 + margin):
-                    trial, best = runner.again(trial), runner.again(best)  # not a lucky one
+                if trial is not None and trial.rate > best.rate * (1 - doubt):
+                    trial, best = runner.duel(trial, best, margin, doubt)
                     if trial.rate > best.rate * (1 + margin):
                         best, changed = trial, True
         if runner.skipped or not changed:
@@ -128,6 +134,22 @@ class _Runner:
         if not trial.error and self._fits():
             self.measured[key].append(self.measure(trial.setting))
         return self.summary(key)
+
+    def duel(self, trial: Trial, best: Trial, margin: float, doubt: float) -> tuple[Trial, Trial]:
+        """Measure ``trial`` and ``best`` again, one after the other, until ``trial``'s median
+        is ahead by ``margin``, it comes out behind in a side-by-side pair, or each has
+        ``REPEATS`` measurements."""
+        while trial.repeats < REPEATS and not trial.error:
+            more = self.again(trial), self.again(best)
+            if more[0].repeats == trial.repeats:  # the budget allowed no more
+                break
+            trial, best = more
+            if trial.rate > best.rate * (1 + margin) or self.latest(trial) <= self.latest(best):
+                break  # ahead by the margin, or behind when measured side by side again
+        return trial, best
+
+    def latest(self, trial: Trial) -> float:
+        return self.measured[repr(sorted(trial.setting.items()))][-1].rate
 
     def summary(self, key: str) -> Trial:
         runs = self.measured[key]
