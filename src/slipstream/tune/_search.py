@@ -7,8 +7,9 @@ process after the process count changed).
 
 Measurements are noisy, so no single trial decides: a setting measured near the best (less
 than ``doubt`` behind) or ahead of it is measured again, alternating with the best, until the
-medians tell them apart, and it replaces the best only if its median beats the best's by
-``margin``. A lucky trial is not believed, and an unlucky one does not bury a good setting.
+pairs tell them apart, and it replaces the best only if the lower median of its ratios to the
+best, pair by pair, is above ``1 + margin``. A lucky trial is not believed, and an unlucky
+one does not bury a good setting.
 Budget left once the search converges goes to measuring the leading settings again (up to
 ``REPEATS`` times each), and the best median wins. A trial is started only when the time it
 is expected to take (the slowest so far) fits in what is left.
@@ -18,6 +19,7 @@ Measurement is a function passed in, so the search is tested on a deterministic 
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,8 +82,8 @@ def search(
 ) -> Search:
     """Search ``knobs`` from ``start`` (which is measured first) for ``budget_s`` seconds.
 
-    A setting replaces the best when the median of its measurements beats the best's by
-    ``margin``; one measured within ``doubt`` below the best is measured again, with it."""
+    A setting replaces the best when, measured side by side with it, it is ahead by
+    ``margin``; one measured within ``doubt`` below the best is measured so too."""
     runner = _Runner(measure, clock() + budget_s, clock)
     best = runner.run(dict(start))
     assert best is not None  # the first trial always runs
@@ -94,8 +96,8 @@ def search(
                     continue
                 trial = runner.run({**best.setting, **option})
                 if trial is not None and trial.rate > best.rate * (1 - doubt):
-                    trial, best = runner.duel(trial, best, margin, doubt)
-                    if trial.rate > best.rate * (1 + margin):
+                    trial, best, ratio = runner.duel(trial, best, margin)
+                    if ratio > 1 + margin:
                         best, changed = trial, True
         if runner.skipped or not changed:
             stopped = "budget" if runner.skipped else "converged"
@@ -135,18 +137,22 @@ class _Runner:
             self.measured[key].append(self.measure(trial.setting))
         return self.summary(key)
 
-    def duel(self, trial: Trial, best: Trial, margin: float, doubt: float) -> tuple[Trial, Trial]:
-        """Measure ``trial`` and ``best`` again, one after the other, until ``trial``'s median
-        is ahead by ``margin``, it comes out behind in a side-by-side pair, or each has
-        ``REPEATS`` measurements."""
+    def duel(self, trial: Trial, best: Trial, margin: float) -> tuple[Trial, Trial, float]:
+        """Measure ``trial`` and ``best`` again, one after the other, until the lower median
+        of their paired ratios is ahead by ``margin``, a pair puts ``trial`` behind, or each
+        has ``REPEATS`` measurements. Pairs, not each one's median over all its measurements:
+        the best's older measurements were taken while the machine may have run faster or
+        slower. Returns both trials and that ratio."""
+        ratios = [self.latest(trial) / max(self.latest(best), 1e-9)]
         while trial.repeats < REPEATS and not trial.error:
             more = self.again(trial), self.again(best)
             if more[0].repeats == trial.repeats:  # the budget allowed no more
                 break
             trial, best = more
-            if trial.rate > best.rate * (1 + margin) or self.latest(trial) <= self.latest(best):
+            ratios.append(self.latest(trial) / max(self.latest(best), 1e-9))
+            if statistics.median_low(ratios) > 1 + margin or ratios[-1] <= 1:
                 break  # ahead by the margin, or behind when measured side by side again
-        return trial, best
+        return trial, best, statistics.median_low(ratios)
 
     def latest(self, trial: Trial) -> float:
         return self.measured[repr(sorted(trial.setting.items()))][-1].rate
