@@ -20,7 +20,7 @@ from typing import Any
 
 from _common import emit, log, parser
 from slipstream.tune._advisor import Prober
-from slipstream.tune._search import Knob, Setting, search
+from slipstream.tune._search import Knob, Setting, _key, search
 from slipstream.workloads._build import build, load_config, resolve
 
 BUDGET_S = 180
@@ -43,7 +43,7 @@ def grid(start: Setting, knobs: list[Knob]) -> list[Setting]:
         setting = dict(start)
         for option in combo:
             setting.update(option or {})
-        settings.setdefault(repr(sorted(setting.items())), setting)
+        settings.setdefault(_key(setting), setting)
     return list(settings.values())
 
 

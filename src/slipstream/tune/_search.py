@@ -105,6 +105,11 @@ def search(
     return runner.finish(best, stopped, margin)
 
 
+def _key(setting: Setting) -> str:
+    """A setting's identity, whatever the order of its entries."""
+    return repr(sorted(setting.items()))
+
+
 class _Runner:
     """Measures settings while the budget allows, and keeps each one's measurements."""
 
@@ -121,7 +126,7 @@ class _Runner:
 
     def run(self, setting: Setting) -> Trial | None:
         """The setting's trial: measured now if it never was (and the budget allows)."""
-        key = repr(sorted(setting.items()))
+        key = _key(setting)
         if key in self.measured:
             return self.summary(key)
         if not self._fits():
@@ -132,7 +137,7 @@ class _Runner:
 
     def again(self, trial: Trial) -> Trial:
         """``trial``'s setting measured once more (if the budget allows): the median so far."""
-        key = repr(sorted(trial.setting.items()))
+        key = _key(trial.setting)
         if not trial.error and self._fits():
             self.measured[key].append(self.measure(trial.setting))
         return self.summary(key)
@@ -143,29 +148,29 @@ class _Runner:
         has ``REPEATS`` measurements. Pairs, not each one's median over all its measurements:
         the best's older measurements were taken while the machine may have run faster or
         slower. Returns both trials and that ratio."""
-        ratios = [self.latest(trial) / max(self.latest(best), 1e-9)]
+        ratios = [self._pair(trial, best)]
         while trial.repeats < REPEATS and not trial.error:
             more = self.again(trial), self.again(best)
             if more[0].repeats == trial.repeats:  # the budget allowed no more
                 break
             trial, best = more
-            ratios.append(self.latest(trial) / max(self.latest(best), 1e-9))
+            ratios.append(self._pair(trial, best))
             if statistics.median_low(ratios) > 1 + margin or ratios[-1] <= 1:
                 break  # ahead by the margin, or behind when measured side by side again
         return trial, best, statistics.median_low(ratios)
 
-    def latest(self, trial: Trial) -> float:
-        return self.measured[repr(sorted(trial.setting.items()))][-1].rate
+    def _pair(self, trial: Trial, best: Trial) -> float:
+        """The ratio of the two settings' latest measurements."""
+        latest = [self.measured[_key(t.setting)][-1].rate for t in (trial, best)]
+        return latest[0] / max(latest[1], 1e-9)
 
     def summary(self, key: str) -> Trial:
         runs = self.measured[key]
         ok = [t for t in runs if not t.error]
-        rates = sorted(t.rate for t in ok) or [0.0]
-        stalls = sorted(t.stall for t in ok) or [0.0]
         return Trial(
             runs[0].setting,
-            rates[(len(rates) - 1) // 2],  # the lower median: a tie never flatters
-            stalls[(len(stalls) - 1) // 2],
+            statistics.median_low([t.rate for t in ok] or [0.0]),  # a tie never flatters
+            statistics.median_low([t.stall for t in ok] or [0.0]),
             sum(t.seconds for t in runs),
             "" if ok else runs[-1].error,
             len(runs),
@@ -181,7 +186,7 @@ class _Runner:
                 break
             self.again(fewest)
         trials = self._trials()
-        best = self.summary(repr(sorted(best.setting.items())))
+        best = self.summary(_key(best.setting))
         leader = max(trials, key=lambda t: t.rate)
         if leader.rate > best.rate * (1 + margin):
             best = leader
