@@ -1,12 +1,12 @@
 """tune_quality: the advisor's choice against the best of an exhaustive grid over the same knobs.
 
-On the digits-cnn, images-cnn and text-clf workloads (``--quick``: digits-cnn alone): the
-advisor probes, names the bottleneck and searches the knobs for it; the grid measures every
-combination of the same knobs' options (torch.compile left out of both: one compile costs more
-than a grid row). Both use the same trials (warm-up window, then the median of four windows per
-process). The advisor's choice and the grid's best are then measured again, five times each in
-alternation, so that neither is favoured by the noise of its first measurement. The advisor's
-budget is 180 s.
+On the digits-cnn, images-cnn and text-clf workloads (``--quick``: digits-cnn alone;
+``--workload NAME``, repeatable: that one alone): the advisor probes, names the bottleneck and
+searches the knobs for it; the grid measures every combination of the same knobs' options
+(torch.compile left out of both: one compile costs more than a grid row). Both use the same
+trials (warm-up window, then the median of four windows per process). The advisor's choice and
+the grid's best are then measured again, five times each in alternation, so that neither is
+favoured by the noise of its first measurement. The advisor's budget is 180 s.
 Target: the choice reaches ≥ 95% of the grid best's throughput in ≤ 25% of the grid's time.
 """
 
@@ -93,8 +93,10 @@ def _plain(setting: Setting) -> dict[str, Any]:
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
-    chosen = ["digits-cnn"] if args.quick else list(WORKLOADS)
+    p = parser(__doc__)
+    p.add_argument("--workload", action="append", choices=list(WORKLOADS), help="only this one")
+    args = p.parse_args()
+    chosen = args.workload or (["digits-cnn"] if args.quick else list(WORKLOADS))
     with tempfile.TemporaryDirectory(prefix="tune-quality-") as root:
         results = {name: one(name, WORKLOADS[name], BUDGET_S, root) for name in chosen}
     emit(

@@ -36,6 +36,26 @@ def test_stats_name_every_stage_and_count_items() -> None:
     assert "map(slow)" in str(st) and "stall" in str(st)
 
 
+def test_fast_stages_count_every_item_though_they_time_one_in_sixteen() -> None:
+    def fails_at_900(x: Any) -> Any:
+        if x == 900:
+            raise ValueError("900")
+        return -x
+
+    pipe = ss.from_arrays(np.arange(1003)).map(fails_at_900, workers=0)
+    it = iter(pipe)
+    for _ in range(37):  # within an untimed window
+        next(it)
+    st = pipe.stats()  # the consumer's iterator holds one item ahead
+    assert [s.items for s in st.stages] == [38, 38] and st.items == 37
+    with pytest.raises(ss.StageError, match="sample 900"):
+        list(it)
+    assert [s.items for s in pipe.stats().stages] == [901, 900]  # 900 was read, not mapped
+    pipe = ss.from_arrays(np.arange(1003)).map(np.negative, workers=0)
+    assert len(list(pipe)) == 1003
+    assert [s.items for s in pipe.stats().stages] == [1003, 1003] and pipe.stats().items == 1003
+
+
 def test_a_slow_consumer_shows_as_output_wait_not_stall() -> None:
     pipe = ss.from_arrays(np.arange(40)).map(lambda x: x, workers=2).prefetch(2)
     for _ in pipe:

@@ -39,14 +39,23 @@ def pipes(batch: int = 32, seed: int = 0, n: int = 1500) -> tuple[ss.Pipeline, s
     return train, test
 
 
-def cnn(seed: int = 0) -> torch.nn.Module:
+def cnn(seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
         torch.nn.Conv2d(1, 16, 3, padding=1),
         torch.nn.ReLU(),
         torch.nn.Flatten(),
+        *([torch.nn.Dropout(dropout)] if dropout else []),
         torch.nn.Linear(16 * 64, 10),
     )
+
+
+class SeedPerRank(ss.Callback):
+    """Ranks draw different random numbers (dropout masks), as a script seeding by rank does."""
+
+    def on_fit_start(self, fit: Any) -> None:
+        if fit.step == 0:  # a fresh run; a resumed one restores its generators
+            torch.manual_seed(100 + fit.strategy.rank)
 
 
 def trainer(model: torch.nn.Module | None = None, **kw: Any) -> ss.Trainer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import slipstream as ss
-from tests.train.helpers import cnn, digits, pipes, same_weights, trainer
+from slipstream.train import _checkpoint as ckpt
+from tests.train.helpers import SeedPerRank, cnn, digits, pipes, same_weights, trainer
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +46,25 @@ class Failing(ss.Callback):
     def on_step_end(self, fit: Any) -> None:
         if fit.step == 3 and torch.distributed.get_rank() == 1:
             raise RuntimeError("rank one broke on purpose")
+
+
+def test_ddp_ranks_save_on_time_together_with_each_ranks_rng(tmp_path: Path) -> None:
+    """Saving gathers every rank's RNG state, so every rank must save at the same step: a
+    rule on time reads the clock the ranks agreed on (each rank's own would differ)."""
+
+    class Jitter(ss.Callback):  # rank 1 reaches each step's rules a little later, by chance
+        def on_step_end(self, fit: Any) -> None:
+            if fit.strategy.rank == 1:
+                time.sleep(random.uniform(0.0, 0.03))
+
+    on_time = ss.Checkpoint(tmp_path, every_seconds=0.05, keep=1000)
+    callbacks = [SeedPerRank(), Jitter(), on_time]
+    t = trainer(cnn(dropout=0.2), strategy=ss.DDP(workers=2, timeout=20), callbacks=callbacks)
+    history = t.fit(pipes()[0], epochs=3)
+    saved = sorted(tmp_path.glob("step-*"))
+    assert len(saved) >= 3 and saved[0].name != ckpt.step_name(history.steps), saved
+    rngs = ckpt.read(saved[0]).state["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
 def test_a_ddp_rank_that_raises_stops_every_rank_with_its_name() -> None:
@@ -188,7 +209,7 @@ def test_two_machines_on_loopback_train_together(tmp_path: Path) -> None:
 ELASTIC = r"""
 import os, sys
 import slipstream as ss
-from tests.train.helpers import pipes, trainer
+from tests.train.helpers import SeedPerRank, cnn, pipes, trainer
 
 class FailOnce(ss.Callback):
     def __init__(self):
@@ -201,8 +222,8 @@ class FailOnce(ss.Callback):
             raise RuntimeError("rank one broke on purpose")
 
 count = FailOnce()
-t = trainer(strategy="ddp", deterministic=True,
-            callbacks=[ss.Checkpoint(sys.argv[1], every_steps=4), count])
+t = trainer(cnn(dropout=0.2), strategy="ddp", deterministic=True,
+            callbacks=[SeedPerRank(), ss.Checkpoint(sys.argv[1], every_steps=4), count])
 history = t.fit(pipes(n=640)[0], epochs=2, resume=sys.argv[1])
 rank, attempt = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
 os.write(1, f"RESULT {rank} {attempt} {history.steps} {count.trained}\n".encode())  # one write
@@ -226,8 +247,9 @@ def test_torchrun_restarts_a_failed_job_from_its_latest_checkpoint(tmp_path: Pat
     # both ranks ran a second attempt, which trained only the updates after checkpoint 4
     assert sorted(restarted) == [["0", "1", "20", "16"], ["1", "1", "20", "16"]], restarted
     assert sorted(torchrun("whole", "-")) == [["0", "0", "20", "20"], ["1", "0", "20", "20"]]
-    restarted_model = ss.load_weights(tmp_path / "restarted", cnn())
-    assert same_weights(restarted_model, ss.load_weights(tmp_path / "whole", cnn()))
+    # ranks draw different dropout masks: each resumes its own generator
+    restarted_model = ss.load_weights(tmp_path / "restarted", cnn(dropout=0.2))
+    assert same_weights(restarted_model, ss.load_weights(tmp_path / "whole", cnn(dropout=0.2)))
 
 
 def test_forked_workers_read_parquet_the_parent_had_open(tmp_path: Path) -> None:

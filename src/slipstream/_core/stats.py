@@ -113,7 +113,9 @@ class Meter:
 
     ``total`` is the time callers spent inside the stage's ``next`` (so a stage's input wait is
     its upstream's ``total``: nothing is timed twice); ``busy`` is filled by stages that work in
-    threads or processes of their own. ``skip`` counts items left untimed (see ``weighed``).
+    threads or processes of their own. ``skip`` counts down the items left untimed after a
+    timed one (see ``weighed``); ``window`` is how many that timed item left. Untimed items are
+    not counted one by one: ``items`` holds the rest, and :meth:`delivered` adds the window's.
     """
 
     __slots__ = (
@@ -125,6 +127,7 @@ class Meter:
         "skipped",
         "total",
         "wait_out",
+        "window",
         "workers",
     )
 
@@ -133,16 +136,21 @@ class Meter:
         self.workers = workers
         self.items = 0
         self.skip = 0
+        self.window = 0
         self.total = 0.0
         self.busy = 0.0
         self.wait_out = 0.0
         self.skipped: list[int] = []
         self.processes: dict[int, ProcessStats] = {}  # by worker index (process stages)
 
+    def delivered(self) -> int:
+        """Items the stage handed on so far."""
+        return self.items + self.window - self.skip
+
     def snapshot(self, busy: float, wait_in: float, depth: int, capacity: int) -> StageStats:
         return StageStats(
             self.name,
-            self.items,
+            self.delivered(),
             busy,
             wait_in,
             self.wait_out,

@@ -102,16 +102,19 @@ class Node:
 
     def next(self) -> Item:
         m = self.meter
-        if m.skip:  # a fast stage: this item is not timed (see _core.stats.weighed)
+        if m.skip:  # a fast stage: this item is neither timed nor counted (Meter.delivered)
             m.skip -= 1
-            item = self._next()
-            m.items += 1
-            return item
+            try:
+                return self._next()
+            except BaseException:
+                m.skip += 1  # no item: the window stays open
+                raise
         t0 = now()
         item = self._next()
-        dt, m.skip = weighed(now() - t0)  # the only clock reads per item and stage
+        dt, skip = weighed(now() - t0)  # the only clock reads per item and stage
         m.total += dt
-        m.items += 1
+        m.items += 1 + m.window  # this item and the window of untimed ones before it
+        m.window = m.skip = skip
         return item
 
     def _next(self) -> Item:

@@ -8,8 +8,6 @@ number of optimizer updates so far, summed over Hogwild workers.
 from __future__ import annotations
 
 import math
-import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,8 +27,9 @@ Mode = Literal["min", "max", "auto"]
 class Callback:
     """Override the hooks you need; each has a no-op default.
 
-    ``deadline()`` is the monotonic time by which the callback wants ``on_step_end`` to run
-    again (for wall-clock rules); ``None`` when it has no such need.
+    ``deadline()`` is the time, on ``fit.clock()``, by which the callback wants ``on_step_end``
+    to run again (for wall-clock rules); ``None`` when it has no such need. Rules on time read
+    ``fit.clock()``, which ranks agree on, so that they act at the same step on every rank.
     """
 
     def on_fit_start(self, fit: Fit) -> None:
@@ -154,10 +153,10 @@ class Timeout(Callback):
         self.ends = math.inf
 
     def on_fit_start(self, fit: Fit) -> None:
-        self.ends = time.monotonic() + self.budget
+        self.ends = fit.clock() + self.budget
 
     def on_step_end(self, fit: Fit) -> None:
-        if time.monotonic() >= self.ends:
+        if fit.clock() >= self.ends:
             fit.stop(f"Timeout: the {self.budget:g} s budget ran out")
 
     def deadline(self) -> float | None:
@@ -228,11 +227,11 @@ class Checkpoint(Callback):
         if fit.is_main:
             ckpt.clean_partial(self.dir)
         self.saved_step = fit.step
-        self._arm()
+        self._arm(fit)
 
-    def _arm(self) -> None:
+    def _arm(self, fit: Fit) -> None:
         if self.every_seconds is not None:
-            self.next_time = time.monotonic() + self.every_seconds
+            self.next_time = fit.clock() + self.every_seconds
 
     def deadline(self) -> float | None:
         return self.next_time if self.every_seconds is not None else None
@@ -240,7 +239,7 @@ class Checkpoint(Callback):
     def on_step_end(self, fit: Fit) -> None:
         n = self.every_steps
         due_steps = n is not None and fit.step // n > self.saved_step // n
-        if due_steps or time.monotonic() >= self.next_time:
+        if due_steps or fit.clock() >= self.next_time:
             self.save(fit)
 
     def on_epoch_end(self, fit: Fit, logs: dict[str, float]) -> None:
@@ -248,30 +247,24 @@ class Checkpoint(Callback):
         due = self.every_epochs is not None and fit.epoch % self.every_epochs == 0
         if best:
             self.best_name = ckpt.step_name(fit.step)
-        if best or due:
-            self.save(fit, force=True)
-        if best and fit.is_main and self.best_name is not None:
+        written = (best or due) and self.save(fit, force=True)
+        if best and written and self.best_name is not None:
             ckpt.point(self.dir, "best", self.best_name)
 
     def on_fit_end(self, fit: Fit) -> None:
         if fit.step != self.saved_step:
             self.save(fit)
 
-    def save(self, fit: Fit, *, force: bool = False) -> None:
+    def save(self, fit: Fit, *, force: bool = False) -> bool:
+        """Save now (every rank calls it at the same step); whether this process wrote."""
         if fit.step == self.saved_step and not force:
-            return
+            return False
         self.saved_step = fit.step
-        self._arm()
-        if fit.is_main:
-            if not fit.weights_finite():
-                warnings.warn(
-                    f"Checkpoint: not saving step {fit.step}: the model has NaN or Inf weights",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                return
-            fit.save(self.dir)
-            ckpt.prune(self.dir, self.keep, {self.best_name} if self.best_name else set())
+        self._arm(fit)
+        if fit.save(self.dir) is None:
+            return False
+        ckpt.prune(self.dir, self.keep, {self.best_name} if self.best_name else set())
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         best = None if self.best is None else self.best.value

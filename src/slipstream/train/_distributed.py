@@ -7,7 +7,9 @@ GPU) and the caller's model receives rank 0's final weights.
 
 Ranks agree before every step (``ddp``) or every ``sync_every`` updates (``localsgd``) on
 whether to go on, so a rank out of data or told to stop never leaves its peers waiting in a
-collective. Only rank 0 writes checkpoints; every rank reads them on resume.
+collective. Only rank 0 writes checkpoints; every rank reads them on resume. Under ``ddp`` a
+checkpoint also holds every rank's RNG state, gathered at the save: ranks save at the same step,
+rules on time reading a clock the ranks agree on each time they decide together.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -106,6 +109,7 @@ class _Ranked:
         positive_number("timeout", timeout)
         self.rank, self.world, self.threads = 0, self.workers, 0
         self.flag_allreduces = 0
+        self.started, self.agreed = time.monotonic(), 0.0
 
     @property
     def is_main(self) -> bool:
@@ -120,6 +124,12 @@ class _Ranked:
     def allreduces(self) -> dict[str, int]:
         """Collectives this rank made so far, by purpose."""
         return {"flags": self.flag_allreduces}
+
+    def clock(self) -> float:
+        return self.agreed
+
+    def rng_states(self, own: dict[str, Any]) -> list[dict[str, Any]]:
+        return [own]  # localsgd: rank 0's alone (its saves may fall between two agreements)
 
     def _backend(self, trainer: Trainer) -> str:
         return self.backend or ("nccl" if trainer.device.type == "cuda" else "gloo")
@@ -159,6 +169,7 @@ class _Ranked:
     ) -> None:
         if trainer.device.type == "cuda":
             trainer.device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(trainer.device)  # where nccl's object collectives go
         dist.init_process_group(
             self._backend(trainer),
             init_method=meet if isinstance(meet, str) else None,
@@ -199,6 +210,7 @@ class _Ranked:
 
     def _run(self, trainer: Trainer, plan: FitPlan, local_world: int) -> History:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.started, self.agreed = time.monotonic(), 0.0
         self.threads = trainer.set_threads(local_world)
         prepare_module(trainer)
         self.inner = trainer.module
@@ -214,11 +226,14 @@ class _Ranked:
         raise NotImplementedError
 
     def _any(self, flag: bool) -> bool:
-        """Whether any rank's ``flag`` is set (a collective every rank makes)."""
+        """Whether any rank's ``flag`` is set (a collective every rank makes). The ranks agree
+        on the clock on the way: the most seconds any of them has run (see ``clock``)."""
         self.flag_allreduces += 1
-        t = torch.tensor([int(flag)], device=self._comm_device())
+        mine = [float(flag), time.monotonic() - self.started]
+        t = torch.tensor(mine, dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # blocks until every rank asks
-        return bool(t.item())
+        self.agreed = float(t[1])
+        return bool(t[0])
 
     def _comm_device(self) -> torch.device:
         return next(self.inner.parameters()).device  # gloo: CPU tensors; nccl: the rank's GPU
@@ -267,6 +282,12 @@ class DDP(_Ranked):
 
     def allreduces(self) -> dict[str, int]:
         return {"gradients": self.gradient_allreduces, "flags": self.flag_allreduces}
+
+    def rng_states(self, own: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's, gathered on rank 0 (ranks step in lockstep, so all save together)."""
+        states: list[Any] = [None] * self.world if self.is_main else []
+        dist.gather_object(own, states if self.is_main else None, dst=0)  # blocks
+        return states
 
     def _wrap(self, trainer: Trainer) -> None:
         ids = [trainer.device.index] if trainer.device.type == "cuda" else None

@@ -16,6 +16,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,12 +182,29 @@ class Fit:
             bool(torch.isfinite(t).all()) for t in self.weights().values() if t.is_floating_point()
         )
 
-    def save(self, root: Path) -> Path:
-        """Write this run's complete state as a checkpoint under ``root``."""
+    def clock(self) -> float:
+        """The time, in seconds, that callbacks acting on wall-clock time read: the same on every
+        rank at the same step, so that ranks act together (see ``Strategy.clock``)."""
+        return self.strategy.clock()
+
+    def save(self, root: Path) -> Path | None:
+        """Write this run's complete state as a checkpoint under ``root``; every rank calls it at
+        the same step and the main one writes. ``None`` where nothing was written: on the other
+        ranks, and when the model has NaN or Inf weights (never checkpointed)."""
+        rngs = self.strategy.rng_states(_rng_state())  # under ddp a collective
+        if not self.is_main:
+            return None
+        if not self.weights_finite():
+            warnings.warn(
+                f"Checkpoint: not saving step {self.step}: the model has NaN or Inf weights",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
         state = {
             "strategy": self.strategy.state_dict(self),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
-            "rng": _rng_state(),
+            "rng": rngs,
         }
         meta = {
             "step": self.step,
@@ -217,7 +235,10 @@ class Fit:
         for cb, s in zip(self.callbacks, cb_states, strict=True):
             cb.load_state_dict(s)
         self.strategy.load_state_dict(self, loaded.state["strategy"])
-        _set_rng_state(loaded.state["rng"])
+        rngs = loaded.state["rng"]
+        rngs = rngs if isinstance(rngs, list) else [rngs]  # saved before states were per rank
+        if self.strategy.rank < len(rngs):  # a rank the run did not have keeps its own
+            _set_rng_state(rngs[self.strategy.rank])
 
     def _check_compatible(self, loaded: ckpt.Loaded) -> None:
         saved = loaded.meta.get("config", {}).get("strategy")

@@ -54,6 +54,7 @@ class Hogwild:
     """Lock-free asynchronous updates by ``workers`` processes on this machine (CPU)."""
 
     name = "hogwild"
+    rank = 0
     is_main = True
 
     def __init__(self, workers: int = 2, *, sync_every: int = 50) -> None:
@@ -63,6 +64,12 @@ class Hogwild:
 
     def describe(self, trainer: Trainer) -> dict[str, Any]:
         return describe(self, trainer, self.threads)
+
+    def clock(self) -> float:
+        return time.monotonic()
+
+    def rng_states(self, own: dict[str, Any]) -> list[dict[str, Any]]:
+        return [own]  # the parent's; workers draw from their own generators
 
     # -- parent ------------------------------------------------------------------------------
 
@@ -124,7 +131,7 @@ class Hogwild:
         self.group.broadcast(("epoch", fit.epoch))
         running, paused, parts = set(range(self.workers)), set(), []
         while running:
-            wait = fit.deadline() - time.monotonic()
+            wait = fit.deadline() - fit.clock()
             got = self.group.recv(timeout=None if wait == float("inf") else max(wait, 0.0))
             if got is None:  # a callback's deadline: pause everyone to consult it
                 self.pause.value = 1

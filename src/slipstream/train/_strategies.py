@@ -8,6 +8,7 @@ it never asks which strategy it holds. ``single`` lives here; ``ddp`` and ``loca
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,9 +35,20 @@ class Strategy(Protocol):
 
     name: str
     workers: int
+    rank: int
 
     @property
     def is_main(self) -> bool: ...
+
+    def clock(self) -> float:
+        """Seconds that callbacks acting on time read (``Fit.clock``): ``time.monotonic()`` where
+        one process decides; under ddp and localsgd a time the ranks agreed on when they last
+        decided together, so that a rule on time fires at the same step on every rank."""
+        ...
+
+    def rng_states(self, own: dict[str, Any]) -> list[dict[str, Any]]:
+        """The RNG states a checkpoint keeps, in rank order, given this process's ``own``."""
+        ...
 
     def describe(self, trainer: Trainer) -> dict[str, Any]: ...
 
@@ -122,10 +134,17 @@ class Single:
 
     name = "single"
     workers = 1
+    rank = 0
     is_main = True
 
     def __init__(self) -> None:
         self.threads = 0
+
+    def clock(self) -> float:
+        return time.monotonic()
+
+    def rng_states(self, own: dict[str, Any]) -> list[dict[str, Any]]:
+        return [own]
 
     def describe(self, trainer: Trainer) -> dict[str, Any]:
         return describe(self, trainer, self.threads)

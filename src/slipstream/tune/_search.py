@@ -10,8 +10,8 @@ than ``doubt`` behind) or ahead of it is measured again, alternating with the be
 pairs tell them apart, and it replaces the best only if the lower median of its ratios to the
 best, pair by pair, is above ``1 + margin``. A lucky trial is not believed, and an unlucky
 one does not bury a good setting.
-Budget left once the search converges goes to measuring the leading settings again (up to
-``REPEATS`` times each), and the best median wins. A trial is started only when the time it
+Budget left once the search converges goes to measuring the settings that came closest to the
+best again, side by side with it, by the same rule. A trial is started only when the time it
 is expected to take (the slowest so far) fits in what is left.
 
 Measurement is a function passed in, so the search is tested on a deterministic objective.
@@ -44,6 +44,7 @@ class Knob:
 
 
 REPEATS = 3  # measurements of each leading setting, when the budget allows
+LEADERS = 3  # the settings measured again against the best once the search converged
 
 
 @dataclass(frozen=True)
@@ -177,20 +178,18 @@ class _Runner:
         )
 
     def finish(self, best: Trial, stopped: str, margin: float) -> Search:
-        """Measure the leading settings again while the budget allows; another setting replaces
-        ``best`` only if its median beats best's by ``margin``."""
-        while self._fits():
-            leaders = sorted(self._trials(), key=lambda t: -t.rate)[:REPEATS]
-            fewest = min(leaders, key=lambda t: t.repeats)
-            if fewest.repeats >= REPEATS or fewest.error:
+        """Budget left goes to the settings that came closest to ``best``, fastest first: each
+        is measured side by side with it again (:meth:`duel`) and replaces it only when ahead
+        by ``margin`` there."""
+        for trial in sorted(self._trials(), key=lambda t: -t.rate)[:LEADERS]:
+            if not self._fits():
                 break
-            self.again(fewest)
-        trials = self._trials()
-        best = self.summary(_key(best.setting))
-        leader = max(trials, key=lambda t: t.rate)
-        if leader.rate > best.rate * (1 + margin):
-            best = leader
-        return Search(trials, best, stopped, self.skipped)
+            if _key(trial.setting) == _key(best.setting) or trial.error or trial.repeats >= REPEATS:
+                continue  # the best itself, failed, or measured all it may be
+            trial, best, ratio = self.duel(trial, best, margin)
+            if ratio > 1 + margin:
+                best = trial
+        return Search(self._trials(), self.summary(_key(best.setting)), stopped, self.skipped)
 
     def _trials(self) -> list[Trial]:
         return [self.summary(key) for key in self.measured]
