@@ -251,3 +251,28 @@ def test_fit_together_lets_one_model_stop_early() -> None:
     assert len(ha.epochs) == 1 and len(hb.epochs) == 3
     with pytest.raises(ss.ArgumentError, match="strategy='hogwild'"):
         ss.fit_together([trainer(strategy="hogwild", workers=2)], pipes()[0])
+
+
+class Bag(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = torch.nn.EmbeddingBag(6, 3, mode="mean")
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.bag(*inputs)  # type: ignore[no-any-return]
+
+
+def test_batches_of_flat_tokens_count_documents_not_tokens() -> None:
+    """A batch of (flat token ids, offsets) and labels holds as many samples as labels: the
+    mean loss over two batches weighs each document once, however many tokens it has."""
+    long = (
+        (torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3]), torch.tensor([0, 5])),
+        torch.tensor([0, 1]),
+    )
+    short = ((torch.tensor([4, 5]), torch.tensor([0, 1])), torch.tensor([2, 2]))
+    t = ss.Trainer(Bag(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), loss=F.cross_entropy)
+    got = t.evaluate([long, short])["loss"]
+    with torch.no_grad():
+        each = [F.cross_entropy(t.model(x), y, reduction="sum") for x, y in (long, short)]
+    assert got == pytest.approx(float(sum(each)) / 4, rel=1e-6)

@@ -95,6 +95,15 @@ def batch_len(batch: Any) -> int:
     return len(batch)
 
 
+def leaves(batch: Any) -> list[Any]:
+    """The leaves of a collated batch (a list of non-containers is one leaf: ragged data)."""
+    if isinstance(batch, dict):
+        return [leaf for v in batch.values() for leaf in leaves(v)]
+    if isinstance(batch, tuple) or (isinstance(batch, list) and not _is_leaf_list(batch)):
+        return [leaf for v in batch for leaf in leaves(v)]
+    return [batch]
+
+
 def _is_leaf_list(x: Any) -> bool:
     return isinstance(x, list) and (not x or not isinstance(x[0], dict | tuple | list))
 

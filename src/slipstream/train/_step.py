@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from slipstream.data._tree import batch_len, tree_map
+from slipstream.data._tree import leaves, tree_map
 from slipstream.train._backends import parameters
 from slipstream.train._callbacks import overrides
 from slipstream.train._metrics import Averages
@@ -39,11 +39,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def batch_size(batch: Any) -> int:
-    """Samples in ``batch`` (1 for a batch whose first leaf has no length)."""
-    try:
-        return batch_len(batch)
-    except TypeError:  # a 0-dim tensor or a scalar
-        return 1
+    """Samples in ``batch``: the shortest first dimension among its leaves, so that a flat
+    tensor of tokens beside per-sample offsets and labels counts the samples, not the tokens
+    (1 when no leaf has a length: 0-dim tensors, scalars)."""
+    sized = (x for x in leaves(batch) if hasattr(x, "__len__") and getattr(x, "ndim", 1) > 0)
+    return min((len(x) for x in sized), default=1)
 
 
 class Stepper:

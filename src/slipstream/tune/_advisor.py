@@ -311,8 +311,7 @@ class Prober:
         n = max(1, batch_size(batch))
         guess = min(p_rate, s_rate)  # samples/s together can be no more than either alone
         self.every = int(min(200, max(2, round(WINDOW_S * guess / n))))
-        self.batch, self.window = n, self.every * n  # a window is samples, whatever the batch
-        expected = (1 + WINDOWS) * self.window / max(guess, 1e-9)
+        expected = (1 + WINDOWS) * self.every * n / max(guess, 1e-9)
         self.cap_s = min(budget_s, max(10.0, 10 * expected))  # a far slower trial is cut
         say("measuring as configured")
         self.first = self._trial(self.start)
@@ -328,7 +327,9 @@ class Prober:
         return self.first if setting == self.start and not fresh else self._trial(setting)
 
     def _trial(self, setting: Setting) -> Trial:
-        every = max(2, round(self.window / setting.get("batch", self.batch)))
+        # a window is as many samples whatever the batch: fewer steps of a larger batch
+        start, batch = self.start.get("batch"), setting.get("batch")
+        every = max(2, round(self.every * start / batch)) if start and batch else self.every
         t = trial(self.trainer, self.pipe, setting, every, self.cap_s)
         error = f"  ({t.error})" if t.error else ""
         self.say(f"  {setting_label(self.start, setting):<40} {t.rate:>10,.0f} samples/s{error}")
