@@ -21,14 +21,19 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _stream_child(run: Path, **kw: Any) -> subprocess.Popen[str]:
+def _stream_child(run: Path, ignore_sigint: bool = False, **kw: Any) -> subprocess.Popen[str]:
     args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
     code = (
         "import sys; from pathlib import Path; from tests.live.helpers import train_stream; "
         f"train_stream(Path(sys.argv[1]), {args})"
     )
+    if ignore_sigint:  # as `nohup … &` starts a process
+        code = f"import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); {code}"
     return subprocess.Popen(
-        [sys.executable, "-c", code, str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", code, str(run)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -78,14 +83,22 @@ def test_the_served_model_follows_a_drifting_stream(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("sig", "strategy"),
-    [(signal.SIGTERM, "single"), (signal.SIGINT, "single"), (signal.SIGINT, "ddp")],
+    ("sig", "strategy", "ignore_sigint"),
+    [
+        (signal.SIGTERM, "single", False),
+        (signal.SIGINT, "single", False),
+        (signal.SIGINT, "ddp", False),
+        (signal.SIGTERM, "single", True),  # started by `nohup … &`, SIGINT ignored
+        (signal.SIGTERM, "ddp", True),
+    ],
 )
 def test_a_signal_stops_an_endless_stream_with_a_final_checkpoint(
-    tmp_path: Path, sig: signal.Signals, strategy: str
+    tmp_path: Path, sig: signal.Signals, strategy: str, ignore_sigint: bool
 ) -> None:
     # under ddp the signal goes to the process that spawned the ranks: it passes it on
-    proc = _stream_child(tmp_path, steps=None, publish_every_steps=50, strategy=strategy)
+    proc = _stream_child(
+        tmp_path, ignore_sigint, steps=None, publish_every_steps=50, strategy=strategy
+    )
     try:
         wait_for("training to get going", lambda: _trained_steps(tmp_path) >= 200)
         proc.send_signal(sig)

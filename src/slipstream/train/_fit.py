@@ -29,6 +29,7 @@ from slipstream._core.checks import positive_int
 from slipstream._core.errors import ArgumentError, CheckpointError
 from slipstream.train import _checkpoint as ckpt
 from slipstream.train._callbacks import overrides
+from slipstream.train._group import spawned
 from slipstream.train._metrics import Averages
 from slipstream.train._step import batch_size, to_device
 
@@ -256,12 +257,18 @@ def stop_on_signals(fit: Fit) -> Iterator[None]:
     final checkpoint); a second one interrupts at once. Only where signals arrive (the main
     thread). Ranks that slipstream spawned (SIGINT ignored: a terminal's Ctrl-C must not reach
     them besides their parent) stop this way on SIGUSR1, which their parent sends when it is
-    stopped; SIGTERM still ends them at once (how a failed run's ranks are cleared away)."""
+    stopped; SIGTERM still ends them at once (how a failed run's ranks are cleared away). A
+    process started with a signal ignored (SIGINT under ``nohup … &``) keeps ignoring it, and
+    stops cleanly on the other."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    spawned = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    stops = [signal.SIGUSR1] if spawned else [signal.SIGINT, signal.SIGTERM]
+    ours = [signal.SIGINT, signal.SIGTERM]
+    stops = (
+        [signal.SIGUSR1]
+        if spawned()
+        else [s for s in ours if signal.getsignal(s) is not signal.SIG_IGN]
+    )
 
     def handler(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name

@@ -44,7 +44,17 @@ def unpack(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+_spawned = False  # set in the children a Group starts
+
+
+def spawned() -> bool:
+    """Whether this process is a child a :class:`Group` started (a rank, a Hogwild worker)."""
+    return _spawned
+
+
 def _child(target: Target, rank: int, conn: Any, parent: int) -> None:
+    global _spawned
+    _spawned = True
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides how to stop
     code = 0
