@@ -121,8 +121,31 @@ def test_an_unlucky_measurement_does_not_bury_a_better_setting() -> None:
             rate = 950.0 if first["count"] == 1 else rate
         return Trial(dict(setting), rate, seconds=1)
 
-    found = search(START, [KNOBS[2]], measure, budget_s=8, clock=clock)
+    found = search(START, [KNOBS[2]], measure, budget_s=9, clock=clock)
     assert found.best is not None and found.best.setting["batch"] == 256
+
+
+def test_one_slow_setting_does_not_keep_the_others_from_being_measured_again() -> None:
+    """bf16 takes 20 s a trial, the others 1 s. Batch 128, new, is expected to take as long as
+    the slowest so far and just fits (21 + 20 s of 41); its lucky first measurement is then
+    measured again beside the best, 1 s each, not believed."""
+    clock = FakeClock()
+    lucky = {"count": 0}
+
+    def measure(setting: Setting) -> Trial:
+        cost = 20.0 if setting["precision"] == "bf16" else 1.0
+        clock.now += cost
+        rate = 500.0 if setting["precision"] == "bf16" else 1000.0
+        if setting["batch"] == 128:
+            lucky["count"] += 1
+            rate = 1500.0 if lucky["count"] == 1 else 990.0
+        return Trial(dict(setting), rate, seconds=cost)
+
+    knobs = [Knob.of("precision", ["bf16"]), Knob.of("batch", [128])]
+    found = search(START, knobs, measure, budget_s=41, clock=clock)
+    assert found.best is not None and found.best.setting == START
+    again = next(t for t in found.trials if t.setting["batch"] == 128)
+    assert again.repeats >= 2 and clock.now <= 41
 
 
 def test_a_failed_trial_is_never_chosen() -> None:

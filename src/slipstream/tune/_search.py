@@ -12,7 +12,8 @@ best, pair by pair, is above ``1 + margin``. A lucky trial is not believed, and 
 one does not bury a good setting.
 Budget left once the search converges goes to measuring the settings that came closest to the
 best again, side by side with it, by the same rule. A trial is started only when the time it
-is expected to take (the slowest so far) fits in what is left.
+is expected to take fits in what is left: a setting measured before, what it took then; a new
+one, the slowest trial so far.
 
 Measurement is a function passed in, so the search is tested on a deterministic objective.
 """
@@ -121,9 +122,19 @@ class _Runner:
         self.measured: dict[str, list[Trial]] = {}  # by setting, in the order first tried
         self.skipped: list[Setting] = []
 
-    def _fits(self) -> bool:
-        slowest = max((t.seconds for ts in self.measured.values() for t in ts), default=0.0)
-        return not self.measured or self.clock() + slowest <= self.deadline
+    def _fits(self, *keys: str) -> bool:
+        """Whether trials of the settings ``keys``, one after the other (none: one setting
+        never measured), would end within the budget. Each is expected to take what it took
+        before; a new one, what the slowest trial so far took. So one slow setting (bf16
+        without hardware support, a trial cut at its cap) does not stop the others from being
+        measured again."""
+        if not self.measured:
+            return True
+        return self.clock() + sum(self._cost(k) for k in keys or [""]) <= self.deadline
+
+    def _cost(self, key: str) -> float:
+        runs = self.measured.get(key) or [t for ts in self.measured.values() for t in ts]
+        return max(t.seconds for t in runs)
 
     def run(self, setting: Setting) -> Trial | None:
         """The setting's trial: measured now if it never was (and the budget allows)."""
@@ -139,7 +150,7 @@ class _Runner:
     def again(self, trial: Trial) -> Trial:
         """``trial``'s setting measured once more (if the budget allows): the median so far."""
         key = _key(trial.setting)
-        if not trial.error and self._fits():
+        if not trial.error and self._fits(key):
             self.measured[key].append(self.measure(trial.setting))
         return self.summary(key)
 
@@ -151,10 +162,9 @@ class _Runner:
         slower. Returns both trials and that ratio."""
         ratios = [self._pair(trial, best)]
         while trial.repeats < REPEATS and not trial.error:
-            more = self.again(trial), self.again(best)
-            if more[0].repeats == trial.repeats:  # the budget allowed no more
-                break
-            trial, best = more
+            if not self._fits(_key(trial.setting), _key(best.setting)):
+                break  # the budget allows no more pairs
+            trial, best = self.again(trial), self.again(best)
             ratios.append(self._pair(trial, best))
             if statistics.median_low(ratios) > 1 + margin or ratios[-1] <= 1:
                 break  # ahead by the margin, or behind when measured side by side again
@@ -182,10 +192,10 @@ class _Runner:
         is measured side by side with it again (:meth:`duel`) and replaces it only when ahead
         by ``margin`` there."""
         for trial in sorted(self._trials(), key=lambda t: -t.rate)[:LEADERS]:
-            if not self._fits():
-                break
             if _key(trial.setting) == _key(best.setting) or trial.error or trial.repeats >= REPEATS:
                 continue  # the best itself, failed, or measured all it may be
+            if not self._fits(_key(trial.setting), _key(best.setting)):
+                continue  # no pair fits in what is left
             trial, best, ratio = self.duel(trial, best, margin)
             if ratio > 1 + margin:
                 best = trial
