@@ -121,6 +121,7 @@ def test_an_unlucky_measurement_does_not_bury_a_better_setting() -> None:
             rate = 950.0 if first["count"] == 1 else rate
         return Trial(dict(setting), rate, seconds=1)
 
+    # the start, batch 128 and one pair, batch 256 and three pairs: 9 trials of 1 s
     found = search(START, [KNOBS[2]], measure, budget_s=9, clock=clock)
     assert found.best is not None and found.best.setting["batch"] == 256
 
