@@ -130,10 +130,11 @@ class _Runner:
         measured again."""
         if not self.measured:
             return True
-        return self.clock() + sum(self._cost(k) for k in keys or [""]) <= self.deadline
+        cost = sum(map(self._cost, keys)) if keys else self._cost(None)
+        return self.clock() + cost <= self.deadline
 
-    def _cost(self, key: str) -> float:
-        runs = self.measured.get(key) or [t for ts in self.measured.values() for t in ts]
+    def _cost(self, key: str | None) -> float:
+        runs = self.measured.get(key or "") or [t for ts in self.measured.values() for t in ts]
         return max(t.seconds for t in runs)
 
     def run(self, setting: Setting) -> Trial | None:
@@ -148,9 +149,10 @@ class _Runner:
         return self.summary(key)
 
     def again(self, trial: Trial) -> Trial:
-        """``trial``'s setting measured once more (if the budget allows): the median so far."""
+        """``trial``'s setting measured once more (unless it failed): the median so far. The
+        caller has checked that the budget allows it."""
         key = _key(trial.setting)
-        if not trial.error and self._fits(key):
+        if not trial.error:
             self.measured[key].append(self.measure(trial.setting))
         return self.summary(key)
 
