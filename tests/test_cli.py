@@ -23,6 +23,9 @@ def slipstream(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]
 @pytest.mark.integration
 def test_demo_quick_tunes_trains_live_serves_and_reports(tmp_path: Path) -> None:
     env = {**os.environ, "SLIPSTREAM_CACHE": str(tmp_path / "cache")}
+    run = tmp_path / "runs" / "images-cnn"
+    (run / "weights").mkdir(parents=True)  # a previous demo's run, left in the same directory
+    (run / "weights" / "v9999.safetensors").write_bytes(b"the last demo's weights")
     t0 = time.monotonic()
     out = subprocess.run(
         [sys.executable, "-m", "slipstream.cli", "demo", "--quick", "--dir", str(tmp_path)],
@@ -39,8 +42,8 @@ def test_demo_quick_tunes_trains_live_serves_and_reports(tmp_path: Path) -> None
     assert re.search(r"speed-up over the starting configuration: [0-9.]+×", text), text
     served = re.search(r"served while training: (\d+) predictions", text)
     assert served and int(served[1]) > 0, text
-    run = tmp_path / "runs" / "images-cnn"
     assert (run / "config.toml").exists() and list((run / "weights").glob("v*.safetensors"))
+    assert not (run / "weights" / "v9999.safetensors").exists()  # this run's weights alone
     assert (tmp_path / "images-cnn.tuned.toml").exists()
 
 

@@ -8,6 +8,7 @@ predictions from the live model while it trains, and ends with a report.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import urllib.request
@@ -102,6 +103,9 @@ def run(
         "live.record_every=5",
     ]
     config = resolve(load_config(WORKLOAD, overrides))
+    # a new run: a previous demo's events and weights would mix with this one's (the dataset,
+    # under data/, is kept and reused)
+    shutil.rmtree(config.run, ignore_errors=True)
     _dataset(config, say)
 
     say(f"2. tuning for {budget} s: what is fastest for this model and data on this machine")
