@@ -207,7 +207,7 @@ def test_two_machines_on_loopback_train_together(tmp_path: Path) -> None:
 
 
 ELASTIC = r"""
-import os, sys
+import glob, os, sys
 import slipstream as ss
 from tests.train.helpers import SeedPerRank, cnn, pipes, trainer
 
@@ -226,7 +226,10 @@ t = trainer(cnn(dropout=0.2), strategy="ddp", deterministic=True,
             callbacks=[SeedPerRank(), ss.Checkpoint(sys.argv[1], every_steps=4), count])
 history = t.fit(pipes(n=640)[0], epochs=2, resume=sys.argv[1])
 rank, attempt = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
-os.write(1, f"RESULT {rank} {attempt} {history.steps} {count.trained}\n".encode())  # one write
+threads = [open(task).read() for task in glob.glob("/proc/self/task/*/comm")]
+gloo = sum("gloo" in name for name in threads)  # left running, one can abort the exit
+line = f"RESULT {rank} {attempt} {history.steps} {count.trained} {gloo}\n"
+os.write(1, line.encode())  # one write
 """
 
 
@@ -245,8 +248,9 @@ def test_torchrun_restarts_a_failed_job_from_its_latest_checkpoint(tmp_path: Pat
 
     restarted = torchrun("restarted", "fail")
     # both ranks ran a second attempt, which trained only the updates after checkpoint 4
-    assert sorted(restarted) == [["0", "1", "20", "16"], ["1", "1", "20", "16"]], restarted
-    assert sorted(torchrun("whole", "-")) == [["0", "0", "20", "20"], ["1", "0", "20", "20"]]
+    assert sorted(restarted) == [["0", "1", "20", "16", "0"], ["1", "1", "20", "16", "0"]]
+    whole = sorted(torchrun("whole", "-"))
+    assert whole == [["0", "0", "20", "20", "0"], ["1", "0", "20", "20", "0"]], whole
     # ranks draw different dropout masks: each resumes its own generator
     restarted_model = ss.load_weights(tmp_path / "restarted", cnn(dropout=0.2))
     assert same_weights(restarted_model, ss.load_weights(tmp_path / "whole", cnn(dropout=0.2)))

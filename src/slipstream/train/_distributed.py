@@ -185,12 +185,12 @@ class _Ranked:
 
         def rank_main(rank: int, conn: Any) -> Any:
             self._init(trainer, url, rank, n, rank)
-            try:
-                history = self._run(trainer, plan, n)
-                weights = {k: v.cpu() for k, v in trainer.model.state_dict().items()}
-                return (history.as_dict(), weights) if rank == 0 else None
-            finally:
-                dist.destroy_process_group()
+            # a rank that raises leaves the group up and exits (``Group``), so its error reaches
+            # the parent before its peers fail on connections it closed
+            history = self._run(trainer, plan, n)
+            dist.destroy_process_group()
+            weights = {k: v.cpu() for k, v in trainer.model.state_dict().items()}
+            return (history.as_dict(), weights) if rank == 0 else None
 
         group = Group(f"{self.name} rank", n, rank_main)
         try:
@@ -216,8 +216,15 @@ class _Ranked:
         self.inner = trainer.module
         self._wrap(trainer)
         self.local = Local(trainer, plan.train, {"rank": self.rank})
-        with deterministic(trainer.deterministic):
-            return Fit(trainer, plan, self).run()
+        try:
+            with deterministic(trainer.deterministic):
+                return Fit(trainer, plan, self).run()
+        finally:
+            # The DDP wrapper holds the process group: dropped here, the group's destructor
+            # joins its gloo threads at ``destroy_process_group``. A thread left running frees
+            # a collective's tensors late, needs the GIL for it, and aborts the process if the
+            # interpreter is exiting ("terminate called without an active exception").
+            trainer.module = self.inner
 
     def _wrap(self, trainer: Trainer) -> None:
         """Wrap the module for this strategy (DDP does); called once per rank."""
