@@ -95,6 +95,24 @@ def test_train_a_workload_saves_the_resolved_config_and_its_record(tmp_path: Pat
     assert again.returncode == 0, again.stderr
 
 
+def test_train_refuses_a_run_directory_with_checkpoints_unless_resumed(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = ["--run", str(run), "--set", "live.console=false", "--set", "train.checkpoint_every=5"]
+    first = slipstream("train", "digits-cnn", *common, "--set", "train.epochs=1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    config = (run / "config.toml").read_text()
+    again = slipstream("train", "digits-cnn", *common, "--set", "train.epochs=2", cwd=tmp_path)
+    assert again.returncode == 1 and "starts afresh" in again.stderr, again.stderr
+    assert "slipstream train --resume" in again.stderr
+    assert (run / "config.toml").read_text() == config  # refused before anything changed
+    resumed = slipstream(
+        "train", "digits-cnn", *common, "--set", "train.epochs=2", "--resume", cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in events if r["kind"] == "epoch"] == [1, 2]  # epoch 1 not redone
+
+
 def test_train_exits_3_when_required_goal_is_missed(tmp_path: Path) -> None:
     out = slipstream(
         "train", "digits-cnn", "--run", str(tmp_path / "r"), "--set", "train.epochs=1",

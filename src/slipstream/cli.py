@@ -24,7 +24,7 @@ def _train(args: argparse.Namespace) -> int:
     from slipstream.workloads._build import load_config, train
 
     overrides = [*args.set, *([f"run={args.run}"] if args.run else [])]
-    outcome = train(load_config(args.config, overrides))
+    outcome = train(load_config(args.config, overrides), resume=args.resume)
     final = ", ".join(f"{k} {v:.4g}" for k, v in outcome.final.items() if isinstance(v, float))
     print(f"done in {outcome.seconds:.1f} s ({outcome.history.steps} steps): {final}")
     if outcome.goal is not None:
@@ -55,6 +55,12 @@ def _add_train(sub: Any) -> None:
         help="override a config value (TOML syntax; repeatable), e.g. --set data.batch=128",
     )
     train.add_argument("--run", default=None, help="the run directory (default: the config's)")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run directory's latest checkpoint (train.checkpoint_every "
+        "writes them), when there is one",
+    )
     train.add_argument(
         "--require-goal",
         action="store_true",

@@ -44,6 +44,38 @@ def test_an_empty_run_directory_starts_fresh(tmp_path: Path) -> None:
     assert history.steps == 2
 
 
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_run_that_would_mix_its_checkpoints_with_another_is_refused(tmp_path: Path) -> None:
+    trainer(callbacks=[ss.Checkpoint(tmp_path, every_steps=2)]).fit(pipes(n=128)[0])
+    before = files(tmp_path)
+    again = trainer(callbacks=[ss.Checkpoint(tmp_path, every_steps=2)])
+    with pytest.raises(
+        ss.CheckpointError, match=r"up to step-0+4 and this run starts afresh.*resume="
+    ):
+        again.fit(pipes(n=128)[0])
+    with pytest.raises(ss.CheckpointError, match=r"resumed from .*step-0+2', not from .*latest"):
+        again.fit(pipes(n=128)[0], resume=tmp_path / "step-000000002")
+    assert files(tmp_path) == before  # nothing of the first run lost or changed
+
+
+def test_a_checkpoint_latest_never_named_is_redone_on_resume(tmp_path: Path) -> None:
+    straight = trainer()
+    straight.fit(pipes(n=128)[0])
+    trainer(callbacks=[ss.Checkpoint(tmp_path, every_steps=2)]).fit(pipes(n=128)[0], steps=2)
+    # a save that crashed between renaming its directory into place and replacing ``latest``
+    # (here with other weights): the resumed run must not take it for its own
+    other = trainer(cnn(seed=9), callbacks=[ss.Checkpoint(tmp_path / "other", every_steps=4)])
+    other.fit(pipes(n=128)[0])
+    (tmp_path / "other" / "step-000000004").rename(tmp_path / "step-000000004")
+    again = trainer(cnn(seed=3), callbacks=[ss.Checkpoint(tmp_path, every_steps=2)])
+    assert again.fit(pipes(n=128)[0], resume=tmp_path).steps == 4
+    assert same_weights(again.model, straight.model)
+    assert same_weights(ss.load_weights(tmp_path, cnn(seed=3)), straight.model)
+
+
 def test_keep_prunes_and_best_is_kept(tmp_path: Path) -> None:
     cb = ss.Checkpoint(tmp_path, every_steps=5, keep=2, monitor="val_acc")
     trainer(callbacks=[cb]).fit(pipes(n=320)[0], val=pipes()[1], epochs=3)

@@ -195,7 +195,8 @@ class Checkpoint(Callback):
 
     Keeps the newest ``keep`` checkpoints, and with ``monitor`` also the best one (pointed to
     by ``dir/best``). The final state is saved when the run stops, however it stops.
-    ``fit(resume=dir)`` continues from ``dir/latest``.
+    ``fit(resume=dir)`` continues from ``dir/latest``. ``dir`` holds one run: once it holds
+    checkpoints, a run that did not resume from its ``latest`` is refused (``CheckpointError``).
     """
 
     def __init__(
@@ -226,6 +227,7 @@ class Checkpoint(Callback):
     def on_fit_start(self, fit: Fit) -> None:
         if fit.is_main:
             ckpt.clean_partial(self.dir)
+            ckpt.claim(self.dir, fit.resumed_from)
         self.saved_step = fit.step
         self._arm(fit)
 

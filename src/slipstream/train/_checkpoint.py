@@ -10,9 +10,11 @@ Layout of a run directory::
 
 A checkpoint is written into ``.tmp-…`` in the same parent, every file fsynced, then renamed to
 its final name; only then is ``latest`` replaced (write, fsync, rename). A crash at any moment
-leaves ``latest`` naming a complete checkpoint. ``state.pt`` holds tensors, numbers, strings and
-containers only and is read with ``torch.load(weights_only=True)``: a file that needs the
-unpickler to build arbitrary objects is refused.
+leaves ``latest`` naming a complete checkpoint. A run directory holds one run: a run saves into
+one that holds checkpoints only when it resumed from its ``latest`` (``claim``). ``state.pt``
+holds tensors, numbers, strings and containers only and is read with
+``torch.load(weights_only=True)``: a file that needs the unpickler to build arbitrary objects is
+refused.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def write(
     """Write a complete checkpoint ``root/name`` and point ``latest`` at it."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
-    if not final.exists():  # the same step again (a resumed run) holds the same content
+    if not final.exists():  # saved at this step already: at a step's end, or resumed from
         tmp = root / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -90,17 +92,56 @@ def point(root: Path, pointer: str, name: str) -> None:
 
 def prune(root: Path, keep: int, protect: Iterable[str]) -> None:
     """Delete all but the newest ``keep`` checkpoints, never one named in ``protect``."""
-    names = sorted(p.name for p in root.iterdir() if _STEP_DIR.match(p.name))
+    names = _names(root)
     for name in names[: max(len(names) - keep, 0)]:
         if name not in protect:
             shutil.rmtree(root / name, ignore_errors=True)
 
 
 def clean_partial(root: Path) -> None:
-    """Remove what a crashed writer left behind (temporary directories and pointer files)."""
-    if root.is_dir():
-        for p in root.glob(".*tmp-*"):
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    """Remove what a crashed writer left behind: temporary directories and pointer files, and
+    checkpoints renamed into place after ``latest`` that a crash kept it from naming (the run
+    that resumes redoes them)."""
+    if not root.is_dir():
+        return
+    for p in root.glob(".*tmp-*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    latest = _latest(root)
+    for name in _names(root):
+        if name > latest:
+            shutil.rmtree(root / name, ignore_errors=True)
+
+
+def claim(root: Path, resumed: Path | None) -> None:
+    """Check that a run may save into ``root``: it holds no checkpoints, or the run continues
+    from its ``latest`` (``resumed``: the checkpoint the run started from). Anything else would
+    mix two runs' checkpoints, and a resume would quietly continue whichever ``latest`` named."""
+    names = _names(root) if root.is_dir() else []
+    latest = _latest(root)
+    if not names or (resumed is not None and resumed.resolve() == (root / latest).resolve()):
+        return
+    held = f"{str(root)!r} already holds checkpoints up to {names[-1]}"
+    if resumed is None:
+        raise CheckpointError(
+            f"{held} and this run starts afresh, so its checkpoints would mix with them. To "
+            f"continue that run, resume it (`fit(resume={str(root)!r})`, `slipstream train "
+            "--resume`); to start over, save into an empty directory or delete this one"
+        )
+    raise CheckpointError(
+        f"{held} and this run resumed from {str(resumed)!r}, not from that directory's latest "
+        f"({latest}), so its checkpoints would mix with them. Give Checkpoint another "
+        "directory for this run"
+    )
+
+
+def _names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if _STEP_DIR.match(p.name))
+
+
+def _latest(root: Path) -> str:
+    """The name ``latest`` holds; "" (before every name) when there is none."""
+    pointer = root / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else ""
 
 
 def resolve(path: str | os.PathLike[str]) -> Path:

@@ -95,6 +95,7 @@ class Fit:
         self.callbacks = trainer.callbacks
         self.step = 0
         self.epoch = 0
+        self.resumed_from: Path | None = None  # the checkpoint this run continues
         self.stopping = False
         self.stopped_by = ""
         self.history = History(config=strategy.describe(trainer))
@@ -223,6 +224,7 @@ class Fit:
             return  # nothing saved there yet: a fresh start (the first run of a script)
         loaded = ckpt.read(where)
         self._check_compatible(loaded)
+        self.resumed_from = loaded.path
         ckpt.apply_weights(self.trainer.model, loaded.weights, str(loaded.path))
         self.step, self.epoch = int(loaded.meta["step"]), int(loaded.meta["epoch"])
         saved = loaded.meta["history"]

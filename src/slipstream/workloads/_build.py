@@ -24,6 +24,7 @@ from slipstream._core.errors import MissingExtraError
 from slipstream._core.extras import require
 from slipstream.live import Live
 from slipstream.train import Checkpoint, EarlyStopping, History, Timeout, Trainer
+from slipstream.train._checkpoint import claim
 from slipstream.train._metrics import Metric, accuracy, mae
 from slipstream.tune import TuneResult, tune
 from slipstream.tune._measure import channels_last
@@ -231,9 +232,14 @@ def run_callbacks(config: Config) -> list[Any]:
     if t.minutes is not None:
         callbacks.append(Timeout(minutes=t.minutes))
     if t.checkpoint_every is not None:
-        path = Path(config.run) / "checkpoints"
-        callbacks.append(Checkpoint(path, every_steps=t.checkpoint_every, keep=t.keep))
+        callbacks.append(
+            Checkpoint(checkpoints_of(config), every_steps=t.checkpoint_every, keep=t.keep)
+        )
     return callbacks
+
+
+def checkpoints_of(config: Config) -> Path:
+    return Path(config.run) / "checkpoints"
 
 
 def live_of(config: Config) -> Live:
@@ -273,10 +279,15 @@ class Outcome:
         return self.goal.met(float(self.final[self.goal.metric]))
 
 
-def train(config: Config, *, say: Callable[[str], None] = print) -> Outcome:
-    """``slipstream train``: resolve, save the resolved config in the run directory, train."""
+def train(config: Config, *, resume: bool = False, say: Callable[[str], None] = print) -> Outcome:
+    """``slipstream train``: resolve, save the resolved config in the run directory, train.
+
+    ``resume`` continues from the run directory's latest checkpoint, when there is one; without
+    it a run directory holding checkpoints is refused before anything in it changes."""
     config = resolve(config)
     run = Path(config.run)
+    if not resume:
+        claim(checkpoints_of(config), None)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.toml").write_text(dumps(config))
     parts = build(config)
@@ -292,6 +303,7 @@ def train(config: Config, *, say: Callable[[str], None] = print) -> Outcome:
             val=parts.data.val,
             epochs=config.train.epochs,
             steps=config.train.steps,
+            resume=checkpoints_of(config) if resume else None,
         )
     finally:
         parts.close()
