@@ -164,6 +164,54 @@ def test_localsgd_averages_every_k_steps_and_ends_in_agreement() -> None:
     assert history.config["strategy"] == "localsgd"
 
 
+def test_localsgd_with_an_outer_step_resumes_from_an_epoch_exactly(tmp_path: Path) -> None:
+    def make(**kw: Any) -> ss.Trainer:
+        strategy = ss.LocalSGD(workers=2, sync_every=4, outer_lr=0.7)
+        return trainer(
+            strategy=strategy,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.05),  # no state that differs by rank
+            deterministic=True,
+            **kw,
+        )
+
+    straight = make()
+    straight.fit(pipes(n=512)[0], epochs=2)
+    make(callbacks=[ss.Checkpoint(tmp_path)]).fit(pipes(n=512)[0], epochs=1)
+    resumed = make(callbacks=[ss.Checkpoint(tmp_path)])
+    resumed.fit(pipes(n=512)[0], epochs=2, resume=tmp_path)
+    # the outer step's global point and momentum came back with the weights
+    assert same_weights(resumed.model, straight.model)
+
+
+LOCALSGD = r"""
+import os
+import slipstream as ss
+from tests.train.helpers import cnn, pipes, trainer
+
+class FirstWeights(ss.Callback):
+    def on_fit_start(self, fit):
+        first = float(sum(p.detach().double().sum() for p in fit.trainer.model.parameters()))
+        os.write(1, f"FIRST {first!r}\n".encode())
+
+t = trainer(cnn(seed=int(os.environ["RANK"])), callbacks=[FirstWeights()],
+            strategy=ss.LocalSGD(sync_every=4, outer_lr=0.7))
+t.fit(pipes(n=256)[0], epochs=1)
+"""
+
+
+def test_localsgd_ranks_built_differently_start_from_rank_0s_weights(tmp_path: Path) -> None:
+    script = tmp_path / "localsgd.py"
+    script.write_text(LOCALSGD)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node=2", str(script)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    first = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("FIRST")]
+    expected = sum(p.detach().double().sum() for p in cnn(seed=0).parameters())
+    assert first == [repr(float(expected))] * 2, first
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

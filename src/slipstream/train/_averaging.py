@@ -63,6 +63,22 @@ class Averager:
         self.velocity.mul_(self.momentum).add_(change)
         return self.anchor - self.outer_lr * (change + self.momentum * self.velocity)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The global point and the outer momentum: the same on every rank."""
+        return {"anchor": self.anchor, "velocity": self.velocity}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Continue from a checkpoint's global point (``None``: one saved before checkpoints
+        held it, so from the weights just loaded, with no outer momentum). An average that
+        was in flight at the save is not in the checkpoint."""
+        self.pending = None
+        if state is None:
+            self.anchor = self._flat()
+            self.velocity = torch.zeros_like(self.anchor)
+        else:
+            self.anchor = state["anchor"].to(self.anchor.device)
+            self.velocity = state["velocity"].to(self.anchor.device)
+
     @torch.no_grad()
     def finish(self) -> None:
         """Settle: apply what is in flight, then average so every rank holds the same weights."""

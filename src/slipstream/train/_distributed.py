@@ -395,12 +395,24 @@ class LocalSGD(_Ranked):
     def _wrap(self, trainer: Trainer) -> None:
         from slipstream.train._averaging import Averager
 
+        with torch.no_grad():  # every rank starts from rank 0's weights, as DDP's ranks do
+            for tensor in trainer.model.state_dict().values():
+                dist.broadcast(tensor, src=0)
         self.averager = Averager(
             list(trainer.model.parameters()), self.outer_lr, self.outer_momentum
         )
 
     def allreduces(self) -> dict[str, int]:
         return {"parameters": self.param_allreduces, "flags": self.flag_allreduces}
+
+    def state_dict(self, fit: Fit) -> dict[str, Any]:
+        outer = self.averager.state_dict()
+        return {**self.local.state_dict(), "outer": outer, "since_sync": self.since_sync}
+
+    def load_state_dict(self, fit: Fit, state: dict[str, Any]) -> None:
+        self.local.load_state_dict(fit, state)
+        self.averager.load_state_dict(state.get("outer"))
+        self.since_sync = int(state.get("since_sync", 0))
 
     def train_epoch(self, fit: Fit) -> dict[str, float]:
         averages = self.local.epoch(fit, Periodic(self, fit), lambda: self._updated(fit))
