@@ -64,7 +64,7 @@ def write(
     """Write a complete checkpoint ``root/name`` and point ``latest`` at it."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
-    if not final.exists():  # saved at this step already: at a step's end, or resumed from
+    if not final.exists():  # else this run saved this step already, or resumed from it
         tmp = root / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
