@@ -1,22 +1,21 @@
 """pipeline_stats: what collecting stats() costs.
 
-Each stage times its own ``next`` (two clock reads) and derives everything else at snapshot
-time. The cost is measured two ways on three paths (vectorised batches over arrays, samples
-through an inline map, samples through a thread map):
-- accounted: the accounting each delivered item runs (stage ``next`` calls and clock reads per
-  item, counted exactly) priced by timeit (an untimed item: a countdown, not counted one by one;
-  a timed one: two clock reads and the updates), ÷ the time per item. Stages whose items take
-  under 20 µs are timed on one item in 16 (``_core.stats.weighed``);
-- A/B: the same pipeline with the clock replaced by a constant, paired runs back to back
-  (which goes first alternates), median of the paired ratios. On this machine, whose speed
-  drifts by more than 1% within seconds, this one is the noisier.
+Each stage accounts for the items its ``next`` hands on: it counts them, times a random sample of
+them (every item when items take 20 µs or more) and times blocking waits where they happen; the
+rest is derived at snapshot time. The cost is measured two ways on three paths (vectorised
+batches over arrays, samples through an inline map, samples through a thread map):
+- accounted: the stage ``next`` calls and timed items each delivered item runs (counted exactly)
+  priced by timeit on the real ``Node.next`` of a trivial stage, against calling that stage's
+  ``_next`` directly (so the price includes the call that ``next`` adds), ÷ the time per item;
+- A/B: the same pipeline with ``Node.next`` replaced by a plain call of ``_next`` (no counting, no
+  timing), paired runs back to back (which goes first alternates), median of the paired ratios.
+  On this machine, whose speed drifts by more than 1% within seconds, this one is the noisier.
 Target: collecting stats costs under 1% of throughput.
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 import timeit
 from collections.abc import Callable
@@ -27,53 +26,48 @@ import numpy as np
 import slipstream as ss
 from _common import emit, log, parser
 from slipstream._core.stats import Meter
+from slipstream.data._node import Ctx, Item, Node
 
 
-def _clocked_modules() -> list[Any]:
-    from slipstream._core import stats
-
-    return [
-        m
-        for name, m in sys.modules.items()
-        if name.startswith("slipstream") and getattr(m, "now", None) is stats.now
-    ]
+def _bare_next(self: Node) -> Item:
+    return self._next()
 
 
-def run(
-    make: Callable[[], ss.Pipeline], clock: Callable[[], float] | None = None
-) -> tuple[float, int]:
-    """Items/s of one pass, with the stages' clock replaced by ``clock`` when given."""
-    modules = _clocked_modules()
-    real = modules[0].now
-    if clock is not None:
-        for m in modules:
-            m.now = clock
+def run(make: Callable[[], ss.Pipeline], stats: bool = True) -> tuple[float, int]:
+    """Items/s of one pass; with ``stats=False``, stages hand items on unaccounted."""
+    real = Node.next
+    if not stats:
+        Node.next = _bare_next  # type: ignore[method-assign]
     try:
         pipe = make()
         t0 = time.perf_counter()
         n = sum(1 for _ in pipe)
         return n / (time.perf_counter() - t0), n
     finally:
-        for m in modules:
-            m.now = real
+        Node.next = real  # type: ignore[method-assign]
 
 
-def reads_per_item(make: Callable[[], ss.Pipeline]) -> float:
+def timed_per_item(make: Callable[[], ss.Pipeline]) -> float:
+    """How many items are timed per delivered item (by stages' ``next``, and by the threads of
+    a thread map, which time their own work the same way)."""
     calls = 0
+    real = Meter.timed
 
-    def counting() -> float:
+    def counting(self: Meter, own: float) -> float:
         nonlocal calls
         calls += 1
-        return time.perf_counter()
+        return real(self, own)
 
-    _, n = run(make, counting)
+    Meter.timed = counting  # type: ignore[method-assign]
+    try:
+        _, n = run(make)
+    finally:
+        Meter.timed = real  # type: ignore[method-assign]
     return calls / n
 
 
 def next_calls_per_item(make: Callable[[], ss.Pipeline]) -> float:
     """How many stage ``next`` calls one delivered item costs (each runs the accounting)."""
-    from slipstream.data._node import Node
-
     calls = 0
     real = Node.next
 
@@ -90,28 +84,33 @@ def next_calls_per_item(make: Callable[[], ss.Pipeline]) -> float:
     return calls / n
 
 
-def section_costs_s() -> tuple[float, float]:
-    """Seconds of accounting for one untimed item and for one timed item (timeit, best of 5)."""
-    from slipstream._core.stats import now, weighed
+class _Constant(Node):
+    """A stage whose own work is nothing: what is left of its ``next`` is the accounting."""
 
-    m = Meter("x")
-    g = {"now": now, "m": m, "weighed": weighed}
-    untimed = (
-        "m.skip = 1\nif m.skip:\n    m.skip -= 1\n"
-        "    try:\n        pass\n    except BaseException:\n        raise"
-    )
-    timed = (
-        "m.skip = 0\nif not m.skip:\n    t0 = now(); dt, skip = weighed(now() - t0)\n"
-        "    m.total += dt; m.items += 1 + m.window; m.window = m.skip = skip"
-    )
-    base = "m.skip = 1"
+    def __init__(self) -> None:
+        super().__init__("constant", None)
+        self.item = Item(0, None, 0)
+
+    def _next(self) -> Item:
+        return self.item
+
+
+def section_costs_s() -> tuple[float, float]:
+    """Seconds of accounting for one untimed item and for one timed item (timeit, best of 5),
+    each over calling the stage's ``_next`` directly."""
+    node = _Constant()
+    node.start(Ctx(0, 0), None)
+    g = {"node": node}
     reps = 500_000
 
     def best(stmt: str) -> float:
         return min(timeit.repeat(stmt, number=reps, repeat=5, globals=g)) / reps
 
-    floor = best(base)
-    return best(untimed) - floor, best(timed) - floor
+    direct = best("node._next()")
+    node.meter.skip = 2**62
+    untimed = best("node.next()") - direct
+    timed = best("node.meter.skip = 0\nnode.next()") - best("node.meter.skip = 0") - direct
+    return untimed, timed
 
 
 def main() -> None:
@@ -124,22 +123,22 @@ def main() -> None:
         "thread_map": lambda: ss.from_arrays(x[:20_000]).map(np.sum, workers=2),
     }
     untimed_s, timed_s = section_costs_s()
-    reads = {name: reads_per_item(make) for name, make in paths.items()}
+    timed = {name: timed_per_item(make) for name, make in paths.items()}
     calls = {name: next_calls_per_item(make) for name, make in paths.items()}
     rates: dict[str, list[float]] = {k: [] for k in paths}
     ab: dict[str, list[float]] = {k: [] for k in paths}
     for r in range(rounds):
         for name, make in paths.items():
             if r % 2:  # alternate which runs first: no order bias
-                off, on = run(make, lambda: 0.0)[0], run(make)[0]
+                off, on = run(make, stats=False)[0], run(make)[0]
             else:
-                on, off = run(make)[0], run(make, lambda: 0.0)[0]
+                on, off = run(make)[0], run(make, stats=False)[0]
             rates[name].append(on)
             ab[name].append(off / on - 1)
         log(f"round {r + 1}: " + ", ".join(f"{k} {100 * v[-1]:+.2f}%" for k, v in ab.items()))
     per_item = {k: 1 / statistics.median(v) for k, v in rates.items()}
-    # every next call runs the untimed path's checks; a timed one (2 reads) costs the difference
-    cost = {k: calls[k] * untimed_s + reads[k] / 2 * (timed_s - untimed_s) for k in paths}
+    # every next call runs the untimed path; a timed item costs the difference on top
+    cost = {k: calls[k] * untimed_s + timed[k] * (timed_s - untimed_s) for k in paths}
     accounted = {k: cost[k] / per_item[k] for k in paths}
     log(
         f"accounting: untimed item {untimed_s * 1e9:.0f} ns, timed item {timed_s * 1e9:.0f} ns; "
@@ -153,7 +152,7 @@ def main() -> None:
                 "timed_item": round(timed_s * 1e9),
             },
             "stage_next_calls_per_item": {k: round(v, 3) for k, v in calls.items()},
-            "clock_reads_per_item": {k: round(v, 3) for k, v in reads.items()},
+            "timed_per_item": {k: round(v, 3) for k, v in timed.items()},
             "time_per_item_us": {k: round(v * 1e6, 3) for k, v in per_item.items()},
             "accounted_overhead_percent": {k: round(100 * v, 2) for k, v in accounted.items()},
             "ab_overhead_percent_median": {

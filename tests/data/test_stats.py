@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
 import slipstream as ss
+from slipstream._core.stats import Meter
 
 
 def slow(x: Any) -> Any:
@@ -36,7 +39,7 @@ def test_stats_name_every_stage_and_count_items() -> None:
     assert "map(slow)" in str(st) and "stall" in str(st)
 
 
-def test_fast_stages_count_every_item_though_they_time_one_in_sixteen() -> None:
+def test_fast_stages_count_every_item_though_they_time_a_sample() -> None:
     def fails_at_900(x: Any) -> Any:
         if x == 900:
             raise ValueError("900")
@@ -44,7 +47,7 @@ def test_fast_stages_count_every_item_though_they_time_one_in_sixteen() -> None:
 
     pipe = ss.from_arrays(np.arange(1003)).map(fails_at_900, workers=0)
     it = iter(pipe)
-    for _ in range(37):  # within an untimed window
+    for _ in range(37):  # most likely within an untimed window
         next(it)
     st = pipe.stats()  # the consumer's iterator holds one item ahead
     assert [s.items for s in st.stages] == [38, 38] and st.items == 37
@@ -84,3 +87,70 @@ def test_skipped_indices_appear_in_stats() -> None:
     pipe = ss.from_arrays(np.arange(20)).map(bad_fives, errors="skip")
     list(pipe)
     assert pipe.stats().skipped == (0, 5, 10, 15)
+
+
+def _consume_timing_next(pipe: ss.Pipeline) -> float:
+    """Iterate ``pipe`` to the end; the seconds spent inside ``next``, as the consumer saw them."""
+    it, inside = iter(pipe), 0.0
+    while True:
+        t0 = time.perf_counter()
+        try:
+            next(it)
+        except StopIteration:
+            return inside
+        finally:
+            inside += time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("period", [16, 5])
+@pytest.mark.parametrize("inline_head", [False, True])
+def test_waits_count_in_full_whatever_their_period(period: int, inline_head: bool) -> None:
+    def reads() -> Iterator[int]:
+        for i in range(30 * period):
+            if i % period == 0:
+                time.sleep(0.002)  # a slow read every `period` items: the consumer waits on it
+            yield i
+
+    pipe = ss.from_iterable(reads)
+    if inline_head:  # a fast stage in the consumer's thread, above the waiting one
+        pipe = pipe.map(abs, workers=0)
+    inside = _consume_timing_next(pipe)
+    stall = pipe.stats().stall_s
+    assert inside >= 0.06  # 30 reads of 2 ms
+    assert 0.85 * inside <= stall <= 1.05 * inside  # the waits exact, the rest sampled
+
+
+def test_a_fast_stage_with_periodic_slow_items_is_timed_in_full() -> None:
+    spent = 0.0
+
+    def slow_every_16th(x: Any) -> Any:
+        nonlocal spent
+        if x % 16 == 0:
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 0.001:  # 1 ms of work on every 16th sample
+                pass
+            spent += time.perf_counter() - t0
+        return x
+
+    pipe = ss.from_arrays(np.arange(1600)).map(slow_every_16th, workers=0)
+    list(pipe)
+    busy = pipe.stats().stages[-1].busy_s
+    assert spent >= 0.1
+    assert 0.95 * spent <= busy <= 1.1 * spent + 0.02  # plus the 1,500 fast samples' few µs
+
+
+def test_sampled_timing_is_unbiased_on_mixed_item_times() -> None:
+    # one item in ten takes 20x longer, at random: timing one item in 16 after every fast one
+    # (the old rule) counted the windows as fast and came to 0.4x the true total
+    draw = random.Random(1).random
+    times = [100e-6 if draw() < 0.1 else 5e-6 for _ in range(100_000)]
+    m, timed = Meter("x"), 0
+    for t in times:
+        if m.skip:
+            m.skip -= 1
+        else:
+            m.timed(t)
+            timed += 1
+    assert m.delivered() == len(times)
+    assert m.total == pytest.approx(sum(times), rel=0.15)
+    assert timed < len(times) / 4  # a sample: most items were not timed

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slipstream._core.errors import LifecycleError, StallError
-from slipstream._core.stats import Meter, StageStats, now, weighed
+from slipstream._core.stats import Meter, StageStats, now
 
 Cursor = Any  # JSON-able: None (start of the epoch), ints, and lists of cursors
 
@@ -91,9 +91,12 @@ class Node:
         self.meter = Meter(name, workers)
         self.ctx = Ctx(0, 0)
         self._closed = False
+        self._waits, self._waits_from = self.meter, 0.0
 
     def start(self, ctx: Ctx, cursor: Cursor) -> None:
         self.ctx = ctx
+        self._waits = self._blocking()
+        self._waits_from = self._waits.waited
         self._start(ctx, cursor)
 
     def _start(self, ctx: Ctx, cursor: Cursor) -> None:
@@ -102,20 +105,31 @@ class Node:
 
     def next(self) -> Item:
         m = self.meter
-        if m.skip:  # a fast stage: this item is neither timed nor counted (Meter.delivered)
+        if m.skip:  # a fast stage: this item is neither timed nor counted (Meter.timed)
             m.skip -= 1
             try:
                 return self._next()
             except BaseException:
                 m.skip += 1  # no item: the window stays open
                 raise
+        w = self._waits
+        waited = w.waited
         t0 = now()
         item = self._next()
-        dt, skip = weighed(now() - t0)  # the only clock reads per item and stage
-        m.total += dt
-        m.items += 1 + m.window  # this item and the window of untimed ones before it
-        m.window = m.skip = skip
+        m.timed(now() - t0 - (w.waited - waited))  # the only clock reads per item and stage
         return item
+
+    def total(self) -> float:
+        """Seconds callers spent in this stage's ``next``: its own time, estimated from timed
+        items, plus every blocking wait inside it, timed exactly."""
+        return self.meter.total + self._waits.waited - self._waits_from
+
+    def _blocking(self) -> Meter:
+        """The meter that times the blocking waits inside this stage's ``next``: the nearest
+        background stage at or above it, which the same thread reaches only through here."""
+        if self.background or self.upstream is None:
+            return self.meter
+        return self.upstream._blocking()
 
     def _next(self) -> Item:
         raise NotImplementedError
@@ -140,8 +154,8 @@ class Node:
         return 0, 0
 
     def stats(self) -> StageStats:
-        wait_in = 0.0 if self.upstream is None else self.upstream.meter.total
-        busy = self.meter.busy if self.background else max(0.0, self.meter.total - wait_in)
+        wait_in = 0.0 if self.upstream is None else self.upstream.total()
+        busy = self.meter.busy if self.background else max(0.0, self.total() - wait_in)
         return self.meter.snapshot(busy, wait_in, *self.depth())
 
     def close(self) -> None:
@@ -215,15 +229,12 @@ class Channel:
     ) -> Any:
         """Next item; StopIteration after ``finish``; the producer's error after ``fail``."""
         with self._cond:
-            deadline = None if timeout is None else now() + timeout
-            while not self._q:
-                if self._closed:
-                    raise LifecycleError("the pipeline was closed while a consumer waited on it")
-                if deadline is not None and now() > deadline:
-                    raise StallError(f"no item within {timeout} s: waiting for {waiting_for()}")
-                if not alive():
-                    raise StallError(f"the thread producing {waiting_for()} exited unexpectedly")
-                self._cond.wait(POLL_S)
+            if not self._q:
+                t0 = now()  # clock reads only where the consumer blocks
+                try:
+                    self._wait(t0, timeout, alive, waiting_for)
+                finally:
+                    self._meter.waited += now() - t0
             item = self._q.popleft()
             self._cond.notify_all()
         if item is _END:
@@ -233,6 +244,24 @@ class Channel:
         if isinstance(item, _Failure):
             raise item.exc
         return item
+
+    def _wait(
+        self,
+        t0: float,
+        timeout: float | None,
+        alive: Callable[[], bool],
+        waiting_for: Callable[[], str],
+    ) -> None:
+        """Wait for an item (called with ``_cond`` held), within ``timeout`` of ``t0``."""
+        deadline = None if timeout is None else t0 + timeout
+        while not self._q:
+            if self._closed:
+                raise LifecycleError("the pipeline was closed while a consumer waited on it")
+            if deadline is not None and now() > deadline:
+                raise StallError(f"no item within {timeout} s: waiting for {waiting_for()}")
+            if not alive():
+                raise StallError(f"the thread producing {waiting_for()} exited unexpectedly")
+            self._cond.wait(POLL_S)
 
     def close(self) -> None:
         with self._cond:

@@ -289,16 +289,27 @@ class ParallelMapNode(Node):
         return next(iter(self._results), None)
 
     def _take(self) -> tuple[int, Item, Any]:
-        deadline = None if self.ctx.stall_timeout is None else now() + self.ctx.stall_timeout
         with self._cond:
-            while (seq := self._ready()) is None:
-                self._check_stuck(deadline)
-                self._cond.wait(POLL_S)
+            if (seq := self._ready()) is None:
+                t0 = now()  # clock reads only where the consumer blocks
+                try:
+                    seq = self._wait(t0)
+                finally:
+                    self.meter.waited += now() - t0
             item, out = self._results.pop(seq)
             self._inflight -= 1
             self._taken += 1
             self._cond.notify_all()
         return seq, item, out
+
+    def _wait(self, t0: float) -> int:
+        """Wait for a result to deliver (called with ``_cond`` held); its sequence number."""
+        timeout = self.ctx.stall_timeout
+        deadline = None if timeout is None else t0 + timeout
+        while (seq := self._ready()) is None:
+            self._check_stuck(deadline)
+            self._cond.wait(POLL_S)
+        return seq
 
     def _check_stuck(self, deadline: float | None) -> None:
         """Raise whatever keeps the next result from coming (called with ``_cond`` held)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from slipstream._core.errors import StallError
-from slipstream._core.stats import Meter, now, weighed
+from slipstream._core.stats import Meter, now
 from slipstream.data._node import CLOSE_S, Ctx, Item, join_all
 
 Work = Callable[[Item], Any]  # what a pool runs per item; returns the new value (or an Err)
@@ -66,16 +66,16 @@ class ThreadPool:
             t.start()
 
     def _run(self) -> None:
-        skip = 0  # this thread's untimed items (see _core.stats.weighed)
+        sampled = Meter(self._meter.name)  # which of this thread's items to time (Meter.timed)
         while (task := self._q.get()) is not None:
             seq, item = task
-            if skip:
-                skip -= 1
+            if sampled.skip:
+                sampled.skip -= 1
                 out = self._work(item)
             else:
                 t0 = now()
                 out = self._work(item)
-                dt, skip = weighed(now() - t0)
+                dt = sampled.timed(now() - t0)
                 with self._lock:
                     self._meter.busy += dt
             self._done(seq, item, out)

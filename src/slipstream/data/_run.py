@@ -198,7 +198,7 @@ class Run:
     @property
     def stall(self) -> float:
         """Seconds the consumer spent waiting in ``next`` (the head stage's time)."""
-        return self.head.meter.total
+        return self.head.total()
 
     def close(self) -> None:
         if not self.closed:

@@ -8,6 +8,7 @@ themselves). Storage-bound sources are read ahead by one owned thread with a dea
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from slipstream._core.errors import ArgumentError, SourceTimeoutError, StallError
+from slipstream._core.stats import StageStats
 from slipstream.data._node import Channel, Ctx, Cursor, Item, Node, Pump, timed
 from slipstream.data._order import Even, Int64s, Permutation, RankSlice, make_order, mix64
 from slipstream.data._source import RandomAccess, Sequential
@@ -136,8 +138,7 @@ class RandomSourceNode(Node):
 
     def next(self) -> Item:
         if self._pending:  # most samples come out of the unit already read: nothing to time
-            self.meter.items += 1
-            return self._pending.popleft()
+            return self._pending.popleft()  # nor count: counted with their unit (see stats)
         return super().next()
 
     def _next(self) -> Item:
@@ -149,7 +150,12 @@ class RandomSourceNode(Node):
         for j, idx in enumerate(u.indices.tolist()):
             value = None if u.value is None else take(u.value, j)
             self._pending.append(Item(value, first + j + 1, idx))
+        self.meter.items += len(self._pending) - 1  # delivered once none is pending
         return self._pending.popleft()
+
+    def stats(self) -> StageStats:
+        snap = super().stats()
+        return dataclasses.replace(snap, items=snap.items - len(self._pending))
 
     def depth(self) -> tuple[int, int]:
         if self._pump is None:
