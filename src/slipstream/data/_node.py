@@ -276,14 +276,19 @@ class _Failure:
 
 
 def timed(fn: Callable[[], Any], meter: Meter) -> Callable[[], Any]:
-    """``fn`` with its time added to ``meter.busy`` (for work done in a stage's own thread)."""
+    """``fn`` with its time added to ``meter.busy`` (for work done in a stage's own thread),
+    sampled as stages sample their ``next`` (see ``Meter.timed``)."""
+    sampled = Meter(meter.name)
 
     def run() -> Any:
+        if sampled.skip:
+            sampled.skip -= 1
+            return fn()
         t0 = now()
         try:
             return fn()
         finally:
-            meter.busy += now() - t0
+            meter.busy += sampled.timed(now() - t0)
 
     return run
 
