@@ -165,22 +165,45 @@ def test_localsgd_averages_every_k_steps_and_ends_in_agreement() -> None:
 
 
 def test_localsgd_with_an_outer_step_resumes_from_an_epoch_exactly(tmp_path: Path) -> None:
-    def make(**kw: Any) -> ss.Trainer:
+    def make(*callbacks: ss.Callback) -> ss.Trainer:
         strategy = ss.LocalSGD(workers=2, sync_every=4, outer_lr=0.7)
         return trainer(
+            cnn(dropout=0.3),
             strategy=strategy,
-            optimizer=lambda p: torch.optim.SGD(p, lr=0.05),  # no state that differs by rank
+            optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),  # moments differ by rank
+            callbacks=[SeedPerRank(), *callbacks],  # so do dropout masks
             deterministic=True,
-            **kw,
         )
 
     straight = make()
     straight.fit(pipes(n=512)[0], epochs=2)
-    make(callbacks=[ss.Checkpoint(tmp_path)]).fit(pipes(n=512)[0], epochs=1)
-    resumed = make(callbacks=[ss.Checkpoint(tmp_path)])
+    make(ss.Checkpoint(tmp_path)).fit(pipes(n=512)[0], epochs=1)
+    resumed = make(ss.Checkpoint(tmp_path))
     resumed.fit(pipes(n=512)[0], epochs=2, resume=tmp_path)
-    # the outer step's global point and momentum came back with the weights
+    # with the weights came the outer step's global point and momentum, and each rank's own
+    # optimizer moments and generators
     assert same_weights(resumed.model, straight.model)
+
+
+def test_localsgd_with_unequal_shards_saves_within_and_after_epochs(tmp_path: Path) -> None:
+    # 257 samples in batches of 32: rank 0 gets 5 batches an epoch and rank 1 gets 4. Rank 1,
+    # out of data, waits for the next sync point while rank 0 takes a fifth step: step counts
+    # part, and a save at a step count cannot be a collective
+    t = trainer(
+        strategy=ss.LocalSGD(workers=2, sync_every=3),
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+        callbacks=[ss.Checkpoint(tmp_path, every_steps=3, every_epochs=1, keep=100)],
+    )
+    history = t.fit(pipes(n=257)[0], epochs=2)
+    assert history.steps == 10
+    saved = {int(d.name.split("-")[1]): ckpt.read(d).state for d in tmp_path.glob("step-*")}
+    assert sorted(saved) == [3, 5, 6, 9, 10]
+    for step in (3, 6, 9):  # within an epoch: rank 0's state alone
+        assert "ranks" not in saved[step]["strategy"] and len(saved[step]["rng"]) == 1
+    for step in (5, 10):  # at an epoch's end: every rank's, each rank's own
+        ranks = saved[step]["strategy"]["ranks"]
+        assert len(saved[step]["rng"]) == 2
+        assert [r["optimizer"]["state"][0]["step"] for r in ranks] == [step, step * 4 // 5]
 
 
 LOCALSGD = r"""

@@ -9,7 +9,9 @@ Ranks agree before every step (``ddp``) or every ``sync_every`` updates (``local
 whether to go on, so a rank out of data or told to stop never leaves its peers waiting in a
 collective. Only rank 0 writes checkpoints; every rank reads them on resume. Under ``ddp`` a
 checkpoint also holds every rank's RNG state, gathered at the save: ranks save at the same step,
-rules on time reading a clock the ranks agree on each time they decide together.
+rules on time reading a clock the ranks agree on each time they decide together. Under
+``localsgd`` one taken where the ranks meet (an epoch's end, the run's end) holds every rank's
+RNG and optimizer state.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from slipstream._core.checks import positive_int, positive_number
 from slipstream._core.errors import ArgumentError
-from slipstream.train._fit import Fit, FitPlan, History, evaluate_sums
+from slipstream.train._callbacks import Checkpoint
+from slipstream.train._fit import Fit, FitPlan, History, evaluate_sums, rng_state
 from slipstream.train._group import Group
 from slipstream.train._precision import Compiled
 from slipstream.train._strategies import Local, describe, deterministic, prepare_module
@@ -129,7 +132,13 @@ class _Ranked:
         return self.agreed
 
     def rng_states(self, own: dict[str, Any]) -> list[dict[str, Any]]:
-        return [own]  # localsgd: rank 0's alone (its saves may fall between two agreements)
+        raise NotImplementedError
+
+    def _gather(self, own: Any) -> list[Any]:
+        """Every rank's ``own``, on rank 0 (a collective: every rank calls it at this point)."""
+        gathered: list[Any] = [None] * self.world if self.is_main else []
+        dist.gather_object(own, gathered if self.is_main else None, dst=0)  # blocks
+        return gathered
 
     def _backend(self, trainer: Trainer) -> str:
         return self.backend or ("nccl" if trainer.device.type == "cuda" else "gloo")
@@ -292,9 +301,7 @@ class DDP(_Ranked):
 
     def rng_states(self, own: dict[str, Any]) -> list[dict[str, Any]]:
         """Every rank's, gathered on rank 0 (ranks step in lockstep, so all save together)."""
-        states: list[Any] = [None] * self.world if self.is_main else []
-        dist.gather_object(own, states if self.is_main else None, dst=0)  # blocks
-        return states
+        return self._gather(own)
 
     def _wrap(self, trainer: Trainer) -> None:
         ids = [trainer.device.index] if trainer.device.type == "cuda" else None
@@ -391,10 +398,12 @@ class LocalSGD(_Ranked):
         self.outer_momentum = float(outer_momentum)
         self.param_allreduces = 0
         self.since_sync = 0
+        self._ranks: list[tuple[dict[str, Any], dict[str, Any]]] | None = None  # _snapshot
 
     def _wrap(self, trainer: Trainer) -> None:
         from slipstream.train._averaging import Averager
 
+        self._ranks = None
         with torch.no_grad():  # every rank starts from rank 0's weights, as DDP's ranks do
             for tensor in trainer.model.state_dict().values():
                 dist.broadcast(tensor, src=0)
@@ -405,22 +414,48 @@ class LocalSGD(_Ranked):
     def allreduces(self) -> dict[str, int]:
         return {"parameters": self.param_allreduces, "flags": self.flag_allreduces}
 
+    def rng_states(self, own: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's, at a save before any rank steps again after an epoch (its end, the
+        run's end); within an epoch rank 0's alone (see ``_snapshot``)."""
+        if self._ranks is None:
+            return [own]
+        return [own, *(rng for rng, _ in self._ranks[1:])]
+
     def state_dict(self, fit: Fit) -> dict[str, Any]:
         outer = self.averager.state_dict()
-        return {**self.local.state_dict(), "outer": outer, "since_sync": self.since_sync}
+        state = {**self.local.state_dict(), "outer": outer, "since_sync": self.since_sync}
+        if self._ranks is not None:  # every rank's optimizer state: here it differs by rank
+            state["ranks"] = [self.local.stepper.state_dict(), *(s for _, s in self._ranks[1:])]
+        return state
 
     def load_state_dict(self, fit: Fit, state: dict[str, Any]) -> None:
         self.local.load_state_dict(fit, state)
+        ranks = state.get("ranks")
+        if ranks is not None and len(ranks) == self.world:  # else every rank takes rank 0's
+            self.local.stepper.load_state_dict(ranks[self.rank])
         self.averager.load_state_dict(state.get("outer"))
         self.since_sync = int(state.get("since_sync", 0))
+
+    def _snapshot(self, fit: Fit) -> list[tuple[dict[str, Any], dict[str, Any]]] | None:
+        """Every rank's RNG and optimizer state as the epoch's training ends, on rank 0, for a
+        checkpoint saved before the ranks step again. A collective, made where the ranks meet
+        anyway, and only by runs that checkpoint. Saves within an epoch cannot gather: ranks
+        save at equal step counts, but with unequal shards a rank out of data already waits at
+        the next sync point, and its step count falls behind."""
+        if not any(isinstance(cb, Checkpoint) for cb in fit.callbacks):
+            return None
+        gathered = self._gather((rng_state(), self.local.stepper.state_dict()))
+        return gathered if self.is_main else None
 
     def train_epoch(self, fit: Fit) -> dict[str, float]:
         averages = self.local.epoch(fit, Periodic(self, fit), lambda: self._updated(fit))
         self.averager.finish()  # blocks: every rank leaves the epoch with the same weights
         self.param_allreduces += 1
         self.since_sync = 0
+        self._ranks = self._snapshot(fit)
         return averages.result(self._reduce(averages.packed()))
 
     def _updated(self, fit: Fit) -> None:
         self.since_sync += 1
+        self._ranks = None
         fit.after_update()

@@ -193,7 +193,7 @@ class Fit:
         """Write this run's complete state as a checkpoint under ``root``; every rank calls it at
         the same step and the main one writes. ``None`` where nothing was written: on the other
         ranks, and when the model has NaN or Inf weights (never checkpointed)."""
-        rngs = self.strategy.rng_states(_rng_state())  # under ddp a collective
+        rngs = self.strategy.rng_states(rng_state())  # may be a collective (ddp, localsgd)
         if not self.is_main:
             return None
         if not self.weights_finite():
@@ -306,7 +306,7 @@ def evaluate_sums(trainer: Trainer, pipe: Iterable[Any]) -> Averages:
     return averages
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
