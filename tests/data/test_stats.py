@@ -127,7 +127,7 @@ def test_a_fast_stage_with_periodic_slow_items_is_timed_in_full() -> None:
         nonlocal spent
         if x % 16 == 0:
             t0 = time.perf_counter()
-            while time.perf_counter() - t0 < 0.001:  # 1 ms of work on every 16th sample
+            while time.perf_counter() - t0 < 0.002:  # 2 ms of work on every 16th sample
                 pass
             spent += time.perf_counter() - t0
         return x
@@ -135,7 +135,7 @@ def test_a_fast_stage_with_periodic_slow_items_is_timed_in_full() -> None:
     pipe = ss.from_arrays(np.arange(1600)).map(slow_every_16th, workers=0)
     list(pipe)
     busy = pipe.stats().stages[-1].busy_s
-    assert spent >= 0.1
+    assert spent >= 0.2
     assert 0.95 * spent <= busy <= 1.1 * spent + 0.02  # plus the 1,500 fast samples' few µs
 
 

@@ -100,17 +100,17 @@ class PipelineStats:
         return "\n".join(rows)
 
 
-# Timing an item costs about 300 ns (two clock reads and the updates). A stage whose own time per
-# item is under FAST_S is timed on one item in SAMPLE on average, chosen at random (each item with
-# probability 1/SAMPLE, whatever came before), and a timed item stands for SAMPLE items: so the
-# estimate is unbiased whatever the pattern of item times (a stage slow on every 16th item cannot
-# hide between the timed ones). A slower item is timed alone, and keeps the stage timing every
-# item for one item per HOLD_S of its time (under 1% of its cost), so periodic slow items are
-# timed item by item. Blocking waits are not sampled: they are timed where they happen
-# (``Meter.waited``), and a wait is slow already. So stats cost under 1% of throughput even for
-# trivial stages.
-FAST_S = 20e-6
-HOLD_S = 40e-6
+# Timing an item costs about 0.5 µs (two clock reads and the updates), so a stage is timed on
+# every item only while its items take FAST_S or more. Below that its own time is timed on a
+# random sample of about one item in SAMPLE (each item with probability 1/SAMPLE, whatever came
+# before), each timed item standing for SAMPLE: the estimate is unbiased whatever the pattern of
+# item times (a stage slow on every 16th item cannot hide between the timed ones). An item of
+# FAST_S or more also keeps its stage timing every item for one item per HOLD_S of its time
+# (under 1% of its cost), so periodic slow items of a few milliseconds are timed item by item.
+# Blocking waits are not sampled: they are timed where they happen (``Meter.waited``), and a
+# wait is slow already. So stats cost under 1% of throughput but for trivial per-sample stages.
+FAST_S = 100e-6
+HOLD_S = 100e-6
 SAMPLE = 32
 
 
