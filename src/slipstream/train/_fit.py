@@ -193,7 +193,7 @@ class Fit:
         """Write this run's complete state as a checkpoint under ``root``; every rank calls it at
         the same step and the main one writes. ``None`` where nothing was written: on the other
         ranks, and when the model has NaN or Inf weights (never checkpointed)."""
-        rngs = self.strategy.rng_states(rng_state())  # may be a collective (ddp, localsgd)
+        rngs = self.strategy.rng_states(rng_state())  # under ddp a collective
         if not self.is_main:
             return None
         if not self.weights_finite():
