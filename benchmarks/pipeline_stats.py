@@ -47,40 +47,21 @@ def run(make: Callable[[], ss.Pipeline], stats: bool = True) -> tuple[float, int
         Node.next = real  # type: ignore[method-assign]
 
 
-def timed_per_item(make: Callable[[], ss.Pipeline]) -> float:
-    """How many items are timed per delivered item (by stages' ``next``, and by the threads of
-    a thread map, which time their own work the same way)."""
+def calls_per_item(make: Callable[[], ss.Pipeline], cls: type, method: str) -> float:
+    """How many calls of ``cls.method`` one delivered item costs."""
     calls = 0
-    real = Meter.timed
+    real = getattr(cls, method)
 
-    def counting(self: Meter, own: float) -> float:
+    def counting(*args: Any) -> Any:
         nonlocal calls
         calls += 1
-        return real(self, own)
+        return real(*args)
 
-    Meter.timed = counting  # type: ignore[method-assign]
+    setattr(cls, method, counting)
     try:
         _, n = run(make)
     finally:
-        Meter.timed = real  # type: ignore[method-assign]
-    return calls / n
-
-
-def next_calls_per_item(make: Callable[[], ss.Pipeline]) -> float:
-    """How many stage ``next`` calls one delivered item costs (each runs the accounting)."""
-    calls = 0
-    real = Node.next
-
-    def counting(self: Node) -> Any:
-        nonlocal calls
-        calls += 1
-        return real(self)
-
-    Node.next = counting  # type: ignore[method-assign]
-    try:
-        _, n = run(make)
-    finally:
-        Node.next = real  # type: ignore[method-assign]
+        setattr(cls, method, real)
     return calls / n
 
 
@@ -123,8 +104,10 @@ def main() -> None:
         "thread_map": lambda: ss.from_arrays(x[:20_000]).map(np.sum, workers=2),
     }
     untimed_s, timed_s = section_costs_s()
-    timed = {name: timed_per_item(make) for name, make in paths.items()}
-    calls = {name: next_calls_per_item(make) for name, make in paths.items()}
+    # items timed (by stages' next, and by a thread map's threads, which time their own work
+    # the same way) and stage next calls (each runs the accounting), per delivered item
+    timed = {name: calls_per_item(make, Meter, "timed") for name, make in paths.items()}
+    calls = {name: calls_per_item(make, Node, "next") for name, make in paths.items()}
     rates: dict[str, list[float]] = {k: [] for k in paths}
     ab: dict[str, list[float]] = {k: [] for k in paths}
     for r in range(rounds):

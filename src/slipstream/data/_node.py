@@ -10,6 +10,7 @@ and ``_next``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections import deque
@@ -275,20 +276,26 @@ class _Failure:
     exc: BaseException
 
 
-def timed(fn: Callable[[], Any], meter: Meter) -> Callable[[], Any]:
-    """``fn`` with its time added to ``meter.busy`` (for work done in a stage's own thread),
-    sampled as stages sample their ``next`` (see ``Meter.timed``)."""
+def timed(
+    fn: Callable[..., Any], meter: Meter, lock: threading.Lock | None = None
+) -> Callable[..., Any]:
+    """``fn`` with its time added to ``meter.busy`` (for work done in a thread of the stage's
+    own), sampled as stages sample their ``next`` (see ``Meter.timed``). One per thread; with
+    ``lock`` where several threads add to the same meter."""
     sampled = Meter(meter.name)
+    guard = lock or contextlib.nullcontext()
 
-    def run() -> Any:
+    def run(*args: Any) -> Any:
         if sampled.skip:
             sampled.skip -= 1
-            return fn()
+            return fn(*args)
         t0 = now()
         try:
-            return fn()
+            return fn(*args)
         finally:
-            meter.busy += sampled.timed(now() - t0)
+            dt = sampled.timed(now() - t0)
+            with guard:
+                meter.busy += dt
 
     return run
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from slipstream._core.errors import StallError
 from slipstream._core.stats import Meter, now
-from slipstream.data._node import CLOSE_S, Ctx, Item, join_all
+from slipstream.data._node import CLOSE_S, Ctx, Item, join_all, timed
 
 Work = Callable[[Item], Any]  # what a pool runs per item; returns the new value (or an Err)
 Done = Callable[[int, Item, Any], None]  # (sequence number, item, value or Err)
@@ -66,19 +66,10 @@ class ThreadPool:
             t.start()
 
     def _run(self) -> None:
-        sampled = Meter(self._meter.name)  # which of this thread's items to time (Meter.timed)
+        work = timed(self._work, self._meter, self._lock)
         while (task := self._q.get()) is not None:
             seq, item = task
-            if sampled.skip:
-                sampled.skip -= 1
-                out = self._work(item)
-            else:
-                t0 = now()
-                out = self._work(item)
-                dt = sampled.timed(now() - t0)
-                with self._lock:
-                    self._meter.busy += dt
-            self._done(seq, item, out)
+            self._done(seq, item, work(item))
 
     def submit(self, seq: int, item: Item) -> None:
         self._q.put((seq, item))
