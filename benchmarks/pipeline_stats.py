@@ -1,15 +1,19 @@
 """pipeline_stats: what collecting stats() costs.
 
-Each stage accounts for the items its ``next`` hands on: it counts them, times a random sample of
-them (every item when items take 20 µs or more) and times blocking waits where they happen; the
-rest is derived at snapshot time. The cost is measured two ways on three paths (vectorised
-batches over arrays, samples through an inline map, samples through a thread map):
-- accounted: the stage ``next`` calls and timed items each delivered item runs (counted exactly)
-  priced by timeit on the real ``Node.next`` of a trivial stage, against calling that stage's
-  ``_next`` directly (so the price includes the call that ``next`` adds), ÷ the time per item;
-- A/B: the same pipeline with ``Node.next`` replaced by a plain call of ``_next`` (no counting, no
-  timing), paired runs back to back (which goes first alternates), median of the paired ratios.
-  On this machine, whose speed drifts by more than 1% within seconds, this one is the noisier.
+Each stage accounts for the items its ``next`` hands on: it counts them down to the next one to
+time, times one item at a random place in each block of 64 (every item when items take 100 µs or
+more) and times blocking waits where they happen; the rest is derived at snapshot time. The cost
+is measured two ways on three paths (vectorised batches over arrays, samples through an inline
+map, samples through a thread map):
+- accounted: the untimed and timed items each delivered item runs (counted exactly), priced by
+  timeit on the real code of a trivial stage against calling its ``_next`` directly (so the
+  price includes the call that ``next`` adds): ``Node.next`` for stages below the head, the
+  consumer's ``Run._fetch`` (which runs the head's countdown itself) for the head; ÷ the time
+  per item;
+- A/B: the same pipeline with no accounting at all (callers call ``_next`` directly, nothing is
+  counted or timed), paired runs back to back (which goes first alternates), median of the paired
+  ratios. On this machine, whose speed drifts by more than 1% within seconds, this one is the
+  noisier.
 Target: collecting stats costs under 1% of throughput.
 """
 
@@ -27,24 +31,48 @@ import slipstream as ss
 from _common import emit, log, parser
 from slipstream._core.stats import Meter
 from slipstream.data._node import Ctx, Item, Node
+from slipstream.data._run import Run, State
 
 
 def _bare_next(self: Node) -> Item:
     return self._next()
 
 
+def _bare_fetch(self: Run) -> Item | Exception:
+    try:
+        return self.head._next()
+    except Exception as e:
+        return e
+
+
+def _unaccounted(pipe: ss.Pipeline) -> list[Node]:
+    """Strip the accounting from ``pipe``'s running pass: every caller calls ``_next``.
+    Returns the nodes changed."""
+    run = pipe._run() if pipe._run is not None else None
+    assert run is not None
+    nodes = [node for node in run.head.chain() if type(node).next is Node.next]
+    for node in nodes:
+        node.next = node._next  # type: ignore[method-assign]
+    return nodes
+
+
 def run(make: Callable[[], ss.Pipeline], stats: bool = True) -> tuple[float, int]:
     """Items/s of one pass; with ``stats=False``, stages hand items on unaccounted."""
-    real = Node.next
+    real = Node.next, Run._fetch
+    pipe = make()
+    it = iter(pipe)
+    stripped = [] if stats else _unaccounted(pipe)
     if not stats:
-        Node.next = _bare_next  # type: ignore[method-assign]
+        Node.next = _bare_next  # type: ignore[method-assign]  # a subclass's super().next()
+        Run._fetch = _bare_fetch  # type: ignore[method-assign]
     try:
-        pipe = make()
         t0 = time.perf_counter()
-        n = sum(1 for _ in pipe)
+        n = sum(1 for _ in it)
         return n / (time.perf_counter() - t0), n
     finally:
-        Node.next = real  # type: ignore[method-assign]
+        Node.next, Run._fetch = real  # type: ignore[method-assign]
+        for node in stripped:
+            del node.next  # no cycle left for the collector to find during the next run
 
 
 def calls_per_item(make: Callable[[], ss.Pipeline], cls: type, method: str) -> float:
@@ -65,6 +93,17 @@ def calls_per_item(make: Callable[[], ss.Pipeline], cls: type, method: str) -> f
     return calls / n
 
 
+def head_items_per_item(make: Callable[[], ss.Pipeline]) -> float:
+    """1 when the head's countdown runs in ``Run._fetch`` (inlined), else 0."""
+    pipe = make()
+    it = iter(pipe)
+    run = pipe._run() if pipe._run is not None else None
+    assert run is not None
+    inline = float(run._inline)
+    it.close()  # type: ignore[attr-defined]
+    return inline
+
+
 class _Constant(Node):
     """A stage whose own work is nothing: what is left of its ``next`` is the accounting."""
 
@@ -76,22 +115,25 @@ class _Constant(Node):
         return self.item
 
 
-def section_costs_s() -> tuple[float, float]:
-    """Seconds of accounting for one untimed item and for one timed item (timeit, best of 5),
-    each over calling the stage's ``_next`` directly."""
+def section_costs_s() -> tuple[float, float, float]:
+    """Seconds of accounting for one untimed item through ``Node.next``, one untimed item
+    through ``Run._fetch`` (the head's) and one timed item (timeit, best of 5), each over what
+    the call costs with no accounting. Countdowns run on small numbers, as they do."""
     node = _Constant()
     node.start(Ctx(0, 0), None)
-    g = {"node": node}
+    head = Run(_Constant(), State(), Ctx(0, 0), lambda run: None, False)
+    g = {"node": node, "head": head, "bare_fetch": _bare_fetch}
     reps = 500_000
 
     def best(stmt: str) -> float:
         return min(timeit.repeat(stmt, number=reps, repeat=5, globals=g)) / reps
 
     direct = best("node._next()")
-    node.meter.skip = 2**62
-    untimed = best("node.next()") - direct
-    timed = best("node.meter.skip = 0\nnode.next()") - best("node.meter.skip = 0") - direct
-    return untimed, timed
+    untimed = best("node.skip = 60\nnode.next()") - best("node.skip = 60") - direct
+    fetch = best("head.head.skip = 60\nhead._fetch()") - best("head.head.skip = 60")
+    fetch_untimed = fetch - best("bare_fetch(head)")
+    timed = best("node.skip = 0\nnode.next()") - best("node.skip = 0") - direct
+    return untimed, fetch_untimed, timed
 
 
 def main() -> None:
@@ -103,11 +145,12 @@ def main() -> None:
         "inline_map": lambda: ss.from_arrays(x[:50_000]).map(np.sum, workers=0),
         "thread_map": lambda: ss.from_arrays(x[:20_000]).map(np.sum, workers=2),
     }
-    untimed_s, timed_s = section_costs_s()
+    untimed_s, fetch_s, timed_s = section_costs_s()
     # items timed (by stages' next, and by a thread map's threads, which time their own work
-    # the same way) and stage next calls (each runs the accounting), per delivered item
+    # the same way), stage next calls and the head's countdowns in Run._fetch, per item
     timed = {name: calls_per_item(make, Meter, "timed") for name, make in paths.items()}
     calls = {name: calls_per_item(make, Node, "next") for name, make in paths.items()}
+    heads = {name: head_items_per_item(make) for name, make in paths.items()}
     rates: dict[str, list[float]] = {k: [] for k in paths}
     ab: dict[str, list[float]] = {k: [] for k in paths}
     for r in range(rounds):
@@ -121,10 +164,14 @@ def main() -> None:
         log(f"round {r + 1}: " + ", ".join(f"{k} {100 * v[-1]:+.2f}%" for k, v in ab.items()))
     per_item = {k: 1 / statistics.median(v) for k, v in rates.items()}
     # every next call runs the untimed path; a timed item costs the difference on top
-    cost = {k: calls[k] * untimed_s + timed[k] * (timed_s - untimed_s) for k in paths}
+    cost = {
+        k: calls[k] * untimed_s + heads[k] * fetch_s + timed[k] * (timed_s - untimed_s)
+        for k in paths
+    }
     accounted = {k: cost[k] / per_item[k] for k in paths}
     log(
-        f"accounting: untimed item {untimed_s * 1e9:.0f} ns, timed item {timed_s * 1e9:.0f} ns; "
+        f"accounting: untimed item {untimed_s * 1e9:.0f} ns ({fetch_s * 1e9:.0f} ns at the head), "
+        f"timed item {timed_s * 1e9:.0f} ns; "
         + ", ".join(f"{k} {100 * v:.2f}%" for k, v in accounted.items())
     )
     emit(
@@ -132,9 +179,11 @@ def main() -> None:
         {
             "accounting_ns": {
                 "untimed_item": round(untimed_s * 1e9),
+                "untimed_head_item": round(fetch_s * 1e9),
                 "timed_item": round(timed_s * 1e9),
             },
             "stage_next_calls_per_item": {k: round(v, 3) for k, v in calls.items()},
+            "head_countdowns_per_item": heads,
             "timed_per_item": {k: round(v, 3) for k, v in timed.items()},
             "time_per_item_us": {k: round(v * 1e6, 3) for k, v in per_item.items()},
             "accounted_overhead_percent": {k: round(100 * v, 2) for k, v in accounted.items()},

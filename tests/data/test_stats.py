@@ -117,7 +117,10 @@ def test_waits_count_in_full_whatever_their_period(period: int, inline_head: boo
     inside = _consume_timing_next(pipe)
     stall = pipe.stats().stall_s
     assert inside >= 0.06  # 30 reads of 2 ms
-    assert 0.85 * inside <= stall <= 1.05 * inside  # the waits exact, the rest sampled
+    # the waits exact, the rest sampled: a timed item stands for its block of 64, so one that
+    # the OS paused counts 64 times (unbiased, yet a few ms either way); counting a wait twice
+    # would add 60 ms
+    assert 0.85 * inside <= stall <= 1.05 * inside + 0.01
 
 
 def test_a_fast_stage_with_periodic_slow_items_is_timed_in_full() -> None:
@@ -151,6 +154,6 @@ def test_sampled_timing_is_unbiased_on_mixed_item_times() -> None:
         else:
             m.timed(t)
             timed += 1
-    assert m.delivered() == len(times)
+    assert m.delivered(m.skip) == len(times)
     assert m.total == pytest.approx(sum(times), rel=0.15)
     assert timed < len(times) / 4  # a sample: most items were not timed

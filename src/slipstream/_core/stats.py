@@ -8,7 +8,6 @@ their stage and read (without a lock: every field is a single Python number) by 
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import random
 import resource
@@ -100,28 +99,29 @@ class PipelineStats:
         return "\n".join(rows)
 
 
-# Timing an item costs about 0.5 µs (two clock reads and the updates), so a stage is timed on
-# every item only while its items take FAST_S or more. Below that its own time is timed on a
-# random sample of about one item in SAMPLE (each item with probability 1/SAMPLE, whatever came
-# before), each timed item standing for SAMPLE: the estimate is unbiased whatever the pattern of
-# item times (a stage slow on every 16th item cannot hide between the timed ones). An item of
-# FAST_S or more also keeps its stage timing every item for one item per HOLD_S of its time
-# (under 1% of its cost), so periodic slow items of a few milliseconds are timed item by item.
+# Timing an item costs about 1 µs in a running pipeline (two clock reads and the updates, on a
+# path too rare to stay in the CPU's caches), so a stage is timed on every item only while its
+# items take HOLD_S or more: such an item keeps its stage timing every item for one item per
+# HOLD_S of its time (under 1% of its cost), and periodic slow items of a few milliseconds are
+# timed item by item. The first WARM items of every stage are timed too. Otherwise the stage's
+# items fall in blocks of SAMPLE and one item at a random place in each block is timed, standing
+# for the block: the estimate is unbiased whatever the pattern of item times (a stage slow on
+# every 16th item cannot hide between the timed ones), and exact when items take the same time.
 # Blocking waits are not sampled: they are timed where they happen (``Meter.waited``), and a
-# wait is slow already. So stats cost under 1% of throughput but for trivial per-sample stages.
-FAST_S = 100e-6
+# wait is slow already. So stats cost under 1% of throughput.
 HOLD_S = 100e-6
-SAMPLE = 32
+SAMPLE = 64
+WARM = SAMPLE
 
 
-def _gaps(n: int = 4096, seed: int = 0) -> Iterator[int]:
-    """Untimed items before each timed one: geometric, as if each item tossed a coin that
-    comes up 1 in SAMPLE; drawn once (a draw per timed item would cost more than timing it)."""
-    draw, log_miss = random.Random(seed).random, math.log(1.0 - 1.0 / SAMPLE)
-    return itertools.cycle([int(math.log(1.0 - draw()) / log_miss) for _ in range(n)])
+def _places(n: int = 4096, seed: int = 0) -> Iterator[int]:
+    """Where in its block each timed item falls: uniform in ``[0, SAMPLE)``, drawn once (a draw
+    per timed item would cost more than timing it)."""
+    draw = random.Random(seed).randrange
+    return itertools.cycle([draw(SAMPLE) for _ in range(n)])
 
 
-_next_gap = _gaps().__next__  # shared by every stage's meter
+_next_place = _places().__next__  # shared by every stage's meter
 
 
 class Meter:
@@ -130,10 +130,11 @@ class Meter:
     ``total`` is the time callers spent inside the stage's ``next`` less its blocking waits,
     estimated from timed items (:meth:`timed`); ``waited`` is the time the stage blocked on its
     queue for callers, timed exactly where it blocks (background stages). ``busy`` is filled by
-    stages that work in threads or processes of their own. ``skip`` counts down the untimed items
-    before the next timed one, which stands for ``weight`` items; ``window`` is how many the last
-    timed item left. Untimed items are not counted one by one: ``items`` holds the rest, and
-    :meth:`delivered` adds the window's.
+    stages that work in threads or processes of their own. ``skip`` is how many untimed items
+    come before the next timed one, which stands for ``weight`` items (the caller counts them
+    down, a stage in a copy of its own); ``window`` is how many the last timed item left, and
+    ``rest`` how many of its block come after it. Untimed items are not counted one by one:
+    ``items`` holds the rest, and :meth:`delivered` adds the window's.
     """
 
     __slots__ = (
@@ -142,6 +143,7 @@ class Meter:
         "items",
         "name",
         "processes",
+        "rest",
         "skip",
         "skipped",
         "total",
@@ -158,7 +160,8 @@ class Meter:
         self.items = 0
         self.skip = 0
         self.window = 0
-        self.hold = 0
+        self.rest = 0
+        self.hold = WARM
         self.weight = 1.0
         self.total = 0.0
         self.waited = 0.0
@@ -173,23 +176,28 @@ class Meter:
         weighted = own * self.weight
         self.total += weighted
         self.items += 1 + self.window
-        if own >= FAST_S or self.hold:
-            self.hold = max(self.hold - 1, int(own / HOLD_S))
-            self.window = self.skip = 0
+        self.hold = max(self.hold - 1, int(own / HOLD_S))
+        rest, self.rest = self.rest, 0
+        if self.hold:  # every item from the end of this one's block on
+            self.window = self.skip = rest
             self.weight = 1.0
-        else:
-            self.window = self.skip = _next_gap()
+        else:  # one item at a random place in the next block
+            place = _next_place()
+            self.window = self.skip = rest + place
+            self.rest = SAMPLE - 1 - place
             self.weight = float(SAMPLE)
         return weighted
 
-    def delivered(self) -> int:
-        """Items the stage handed on so far."""
-        return self.items + self.window - self.skip
+    def delivered(self, skip: int) -> int:
+        """Items the stage handed on so far, ``skip`` being what its countdown has left."""
+        return self.items + self.window - skip
 
-    def snapshot(self, busy: float, wait_in: float, depth: int, capacity: int) -> StageStats:
+    def snapshot(
+        self, busy: float, wait_in: float, depth: int, capacity: int, skip: int
+    ) -> StageStats:
         return StageStats(
             self.name,
-            self.delivered(),
+            self.delivered(skip),
             busy,
             wait_in,
             self.wait_out,

@@ -93,6 +93,7 @@ class Node:
         self.ctx = Ctx(0, 0)
         self._closed = False
         self._waits, self._waits_from = self.meter, 0.0
+        self.skip = 0  # untimed items before the next timed one (the meter's, kept here: cheaper)
 
     def start(self, ctx: Ctx, cursor: Cursor) -> None:
         self.ctx = ctx
@@ -105,19 +106,20 @@ class Node:
             self.upstream.start(ctx, cursor)
 
     def next(self) -> Item:
-        m = self.meter
-        if m.skip:  # a fast stage: this item is neither timed nor counted (Meter.timed)
-            m.skip -= 1
-            try:
-                return self._next()
-            except BaseException:
-                m.skip += 1  # no item: the window stays open
-                raise
-        w = self._waits
+        if self.skip:  # a fast stage: this item is neither timed nor counted (Meter.timed)
+            item = self._next()
+            self.skip -= 1  # after: an item that failed is no item
+            return item
+        return self.timed_next()
+
+    def timed_next(self) -> Item:
+        """``_next``, timed; the meter chooses how many items go untimed after it."""
+        m, w = self.meter, self._waits
         waited = w.waited
         t0 = now()
         item = self._next()
         m.timed(now() - t0 - (w.waited - waited))  # the only clock reads per item and stage
+        self.skip = m.skip
         return item
 
     def total(self) -> float:
@@ -157,7 +159,7 @@ class Node:
     def stats(self) -> StageStats:
         wait_in = 0.0 if self.upstream is None else self.upstream.total()
         busy = self.meter.busy if self.background else max(0.0, self.total() - wait_in)
-        return self.meter.snapshot(busy, wait_in, *self.depth())
+        return self.meter.snapshot(busy, wait_in, *self.depth(), self.skip)
 
     def close(self) -> None:
         if not self._closed:

@@ -162,14 +162,22 @@ class Run:
     def __init__(self, head: Node, state: State, ctx: Ctx, on_close: Any, lookahead: bool) -> None:
         self.head, self.state, self._on_close, self.lookahead = head, state, on_close, lookahead
         self.items, self.started = 0, now()
+        self._inline = type(head).next is Node.next  # not a node that serves its own
         self.closed = False
         self.ended = False
         self._ahead: Item | Exception | None = None
         head.start(ctx, state.cursor)
 
     def _fetch(self) -> Item | Exception:
+        head = self.head
         try:
-            return self.head.next()
+            if not self._inline:
+                return head.next()
+            if head.skip:  # Node.next inlined: it runs once per item, and a call costs
+                item = head._next()
+                head.skip -= 1
+                return item
+            return head.timed_next()
         except Exception as e:  # StopIteration included: kept until it is this item's turn
             return e
 
