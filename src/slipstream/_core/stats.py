@@ -99,16 +99,17 @@ class PipelineStats:
         return "\n".join(rows)
 
 
-# Timing an item costs about 1 µs in a running pipeline (two clock reads and the updates, on a
-# path too rare to stay in the CPU's caches), so a stage is timed on every item only while its
-# items take HOLD_S or more: such an item keeps its stage timing every item for one item per
-# HOLD_S of its time (under 1% of its cost), and periodic slow items of a few milliseconds are
-# timed item by item. The first WARM items of every stage are timed too. Otherwise the stage's
-# items fall in blocks of SAMPLE and one item at a random place in each block is timed, standing
-# for the block: the estimate is unbiased whatever the pattern of item times (a stage slow on
-# every 16th item cannot hide between the timed ones), and exact when items take the same time.
+# Timing an item costs 0.5 to 1 µs in a running pipeline (two clock reads and the updates), so
+# a stage is timed on every item only while its items take HOLD_S or more: such an item keeps
+# its stage timing every item for one item per HOLD_S of its time (under 1% of its cost), and
+# periodic slow items of a few milliseconds are timed item by item. The first WARM items of
+# every stage are timed too. Otherwise the stage's items fall in blocks of SAMPLE and one item
+# at a random place in each block is timed, standing for the block: the estimate is unbiased
+# whatever the pattern of item times (a stage slow on every 16th item cannot hide between the
+# timed ones); when items take the same time, only the last, unfinished block is off.
 # Blocking waits are not sampled: they are timed where they happen (``Meter.waited``), and a
-# wait is slow already. So stats cost under 1% of throughput.
+# wait is slow already. So stats cost under 1% of throughput but on trivial per-sample stages
+# (docs/results.md, pipeline_stats).
 HOLD_S = 100e-6
 SAMPLE = 64
 WARM = SAMPLE
