@@ -45,11 +45,16 @@ def _bare_fetch(self: Run) -> Item | Exception:
         return e
 
 
-def _unaccounted(pipe: ss.Pipeline) -> list[Node]:
-    """Strip the accounting from ``pipe``'s running pass: every caller calls ``_next``.
-    Returns the nodes changed."""
+def _running(pipe: ss.Pipeline) -> Run:
+    """The pass ``pipe`` is running (after ``iter(pipe)``)."""
     run = pipe._run() if pipe._run is not None else None
     assert run is not None
+    return run
+
+
+def _unaccounted(run: Run) -> list[Node]:
+    """Strip the accounting from a running pass: every caller calls ``_next``. Returns the
+    nodes changed."""
     nodes = [node for node in run.head.chain() if type(node).next is Node.next]
     for node in nodes:
         node.next = node._next  # type: ignore[method-assign]
@@ -61,8 +66,9 @@ def run(make: Callable[[], ss.Pipeline], stats: bool = True) -> tuple[float, int
     real = Node.next, Run._fetch
     pipe = make()
     it = iter(pipe)
-    stripped = [] if stats else _unaccounted(pipe)
+    stripped: list[Node] = []
     if not stats:
+        stripped = _unaccounted(_running(pipe))
         Node.next = _bare_next  # type: ignore[method-assign]  # a subclass's super().next()
         Run._fetch = _bare_fetch  # type: ignore[method-assign]
     try:
@@ -97,9 +103,7 @@ def head_items_per_item(make: Callable[[], ss.Pipeline]) -> float:
     """1 when the head's countdown runs in ``Run._fetch`` (inlined), else 0."""
     pipe = make()
     it = iter(pipe)
-    run = pipe._run() if pipe._run is not None else None
-    assert run is not None
-    inline = float(run._inline)
+    inline = float(_running(pipe)._inline)
     it.close()  # type: ignore[attr-defined]
     return inline
 

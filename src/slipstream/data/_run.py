@@ -173,7 +173,7 @@ class Run:
         try:
             if not self._inline:
                 return head.next()
-            if head.skip:  # Node.next inlined: it runs once per item, and a call costs
+            if head.skip:  # Node.next, inlined: a call would cost more than the countdown
                 item = head._next()
                 head.skip -= 1
                 return item
