@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
+import time
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -34,6 +38,48 @@ def test_batch_drop_last_and_ragged_collate() -> None:
     assert lengths == [[1, 2], [3, 4], [5]]
 
 
+def _sample(i: int) -> Any:
+    """Samples (64 KiB: copied into the batch as made) of arrays, tensors, numbers, strings."""
+    img = np.full((128, 128), i, dtype=np.float32 if i != 6 else np.float64)  # one float64
+    return {"img": img, "t": torch.arange(3) * i, "meta": (i, f"s{i}", [i / 2])}
+
+
+def _grows(i: int) -> np.ndarray:
+    return np.zeros((128, 128 if i < 5 else 129))
+
+
+def _rekeyed(i: int) -> dict[str, np.ndarray]:
+    return {"a": np.zeros((128, 128))} if i < 5 else {"b": np.zeros((128, 128))}
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, tuple | list) and not isinstance(a, str):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.shape == b.shape and np.array_equal(a, b)
+    return bool(a == b)
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_workers_collate_as_results_come_what_batch_collates(mode: str) -> None:
+    """A map followed by batch runs as one task per batch: each result is copied into the batch
+    as it is made. Batches match a plain batch of the same samples, whatever the leaves."""
+    source = ss.from_arrays(np.arange(12))
+    reference = list(source.map(_sample, workers=0).batch(8))  # batch collates the list
+    fused = list(source.map(_sample, workers=2, mode=mode).batch(8))
+    assert len(fused) == len(reference) == 2
+    for got, want in zip(fused, reference, strict=True):
+        got["img"] = got["img"].astype(want["img"].dtype)  # a shared-memory batch keeps float32
+        assert _equal(got, want), (got, want)
+    for fn, why in ((_grows, "cannot stack"), (_rekeyed, "differ in structure")):
+        with pytest.raises(ss.StageError, match=why):
+            list(source.map(fn, workers=2, mode=mode).batch(8))
+
+
 def test_unbatch_inverts_batch() -> None:
     data = {"x": np.arange(10), "y": np.arange(10) * 2}
     out = list(ss.from_arrays(data).batch(3).unbatch())
@@ -53,6 +99,37 @@ def test_map_runs_in_parallel_workers(mode: str) -> None:
 
     seen = set(ss.from_arrays(np.arange(400)).map(who, mode=mode, workers=3))
     assert len(seen) >= 2
+
+
+def _pid(_: Any) -> int:
+    return os.getpid()
+
+
+def _pids(pipe: ss.Pipeline) -> set[int]:
+    return {int(pid) for batch in pipe for pid in batch}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_process_workers_live_from_epoch_to_epoch_until_the_pipeline_closes() -> None:
+    pipe = ss.from_arrays(np.arange(64)).map(_pid, mode="process", workers=2).batch(8)
+    first = _pids(pipe)
+    assert len(first) == 2 and _pids(pipe) == first  # the same workers served the next epoch
+    dead = min(first)
+    os.kill(dead, signal.SIGKILL)  # dies between epochs: the next epoch starts new workers
+    deadline = time.monotonic() + 10
+    while not _gone(dead):
+        assert time.monotonic() < deadline, "the killed worker did not exit"
+        time.sleep(0.01)
+    fresh = _pids(pipe)
+    assert len(fresh) == 2 and fresh.isdisjoint(first)
+    pipe.close()
+    assert all(_gone(pid) for pid in fresh)
 
 
 def test_async_map_overlaps_waits() -> None:

@@ -27,7 +27,7 @@ from slipstream._core.stats import Meter, now
 from slipstream.data._node import POLL_S, Ctx, Cursor, Item, Node, join_all
 from slipstream.data._pools import Err, Pool, PoolFactory
 from slipstream.data._rng import acall_with_sample, call_with_sample
-from slipstream.data._tree import Alloc, collate, take, uncollate
+from slipstream.data._tree import Alloc, Stacker, collate, take, uncollate
 
 Errors = Literal["raise", "skip"]
 
@@ -123,16 +123,18 @@ class MapWork:
             values = value if self.source is None else uncollate(self.source.read(np.asarray(keys)))
         except Exception as e:
             return Err(e, key)
-        out = []
+        # the default collation copies each result into the batch as it is made (into shared
+        # memory in a process worker), so a batch's results never all live at once
+        stack = Stacker(len(keys), alloc) if self.collate is collate else None
+        out: list[Any] = []
+        add = out.append if stack is None else stack.add
         for v, k in zip(values, keys, strict=True):
             try:
-                out.append(call_with_sample(self.fn, v, seed, epoch, self.stage, k))
+                add(call_with_sample(self.fn, v, seed, epoch, self.stage, k))
             except Exception as e:
                 return Err(e, k)
         try:
-            if alloc is not None and self.collate is collate:
-                return collate(out, alloc)  # stacked straight into shared memory
-            return self.collate(out)
+            return self.collate(out) if stack is None else stack.result()
         except Exception as e:
             return Err(e, key)
 
@@ -198,10 +200,12 @@ class ParallelMapNode(Node):
         policy: ErrorPolicy,
         workers: int,
         stage: int = -1,
+        keep: Callable[[Pool], bool] | None = None,
     ) -> None:
         super().__init__(policy.stage, upstream, workers)
         self.make_pool, self.window, self.ordered, self.policy = make_pool, window, ordered, policy
         self.stage = stage  # the user's stage number (keys sample randomness); -1 for reads
+        self.keep = keep  # offered the pool when a pass took every result; True if it kept it
         self._pool: Pool | None = None
         self._feeder: threading.Thread | None = None
         self._cond = threading.Condition()
@@ -366,5 +370,7 @@ class ParallelMapNode(Node):
             join_all([self._feeder], f"closing stage '{self.name}'")
             self._feeder = None
         if self._pool is not None:
-            self._pool.close()
+            took_all = self._end is not None and self._taken >= self._end and self._fatal is None
+            if not (took_all and self.keep is not None and self.keep(self._pool)):
+                self._pool.close()
             self._pool = None

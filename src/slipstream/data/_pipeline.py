@@ -15,6 +15,7 @@ from slipstream._core.stats import PipelineStats, StageStats, now
 from slipstream.data._node import Ctx
 from slipstream.data._order import Even, RankSlice
 from slipstream.data._plan import build, order_of
+from slipstream.data._procs import KeptPools
 from slipstream.data._run import (
     PipelineIterator,
     Run,
@@ -83,6 +84,8 @@ class Pipeline:
         self._totals: list[StageStats] = []
         self._consumer = (0, 0.0, 0.0)  # items, elapsed, stall over finished passes
         self._run: weakref.ref[Run] | None = None
+        self._kept = KeptPools()  # process workers a finished pass left for the next one
+        weakref.finalize(self, self._kept.close)  # also at interpreter exit
         self._closed = False
 
     # -- building -------------------------------------------------------------------------
@@ -124,7 +127,8 @@ class Pipeline:
         ``mode="thread"`` (default; for numpy, PIL, torch, pyarrow work that releases the GIL)
         with ``workers`` threads (default: the core count; 0 runs inline); ``"process"`` for
         Python-heavy functions, with ``workers`` processes (started with ``start_method``, each
-        with ``threads`` torch threads and a ``shm_bytes`` arena for results); ``"async"`` for
+        with ``threads`` torch threads and a ``shm_bytes`` arena for results, kept from epoch to
+        epoch until the pipeline closes or a pass is left early); ``"async"`` for
         ``async def`` functions, ``concurrency`` at once (chosen automatically for them).
         At most ``window`` samples are in flight. With ``ordered=True`` the output order, and
         with ``ss.sample_rng()`` the output itself, do not depend on workers or mode.
@@ -291,7 +295,7 @@ class Pipeline:
         layout = self._layout()
         state = rebase(self._state, layout.world, self._sharded())
         self._state = state
-        head = build(self.source, list(self._specs), layout, self._timeout)
+        head = build(self.source, list(self._specs), layout, self._timeout, self._kept)
         for stage, policy in policies(head.chain()).items():
             policy.load(state.skipped.get(stage, []))
         ctx = Ctx(state.seed, state.epoch, state.origin, self._stall_timeout)
@@ -412,8 +416,9 @@ class Pipeline:
         return n
 
     def close(self) -> None:
-        """Stop the running pass; a closed pipeline cannot be iterated again."""
+        """Stop the running pass and the workers kept for the next; it cannot be iterated again."""
         self._stop_run()
+        self._kept.close()
         self._closed = True
 
     def __enter__(self) -> Pipeline:

@@ -25,7 +25,7 @@ from slipstream.data._parallel import (
     arun_item,
 )
 from slipstream.data._pools import AsyncPool, Pool, PoolFactory, ThreadPool
-from slipstream.data._procs import ProcessOptions, ProcessPool, default_start_method
+from slipstream.data._procs import KeptPools, ProcessOptions, ProcessPool, default_start_method
 from slipstream.data._source import RandomAccess, Sequential
 from slipstream.data._sourcenode import OrderSpec, RandomSourceNode, SequentialSourceNode
 from slipstream.data._specs import (
@@ -76,13 +76,23 @@ def order_of(source: Any, specs: list[Spec], order: OrderSpec) -> tuple[OrderSpe
     return order, specs
 
 
-def build(source: Any, specs: list[Spec], order: OrderSpec, timeout: float | None) -> Node:
-    """The node chain for one pass; ``specs`` are in the order the user chained them."""
+def build(
+    source: Any,
+    specs: list[Spec],
+    order: OrderSpec,
+    timeout: float | None,
+    kept: KeptPools | None = None,
+) -> Node:
+    """The node chain for one pass; ``specs`` are in the order the user chained them.
+
+    Process maps take their pools from ``kept`` where an earlier pass left them, and offer them
+    back when the pass takes every result.
+    """
     order, specs = order_of(source, specs, order)
     _fit_cache(source, order)
-    node, i = _source_node(source, specs, order, timeout)
+    node, i = _source_node(source, specs, order, timeout, kept)
     while i < len(specs):
-        node, i = _stage(node, specs, i)
+        node, i = _stage(node, specs, i, kept)
     return node
 
 
@@ -110,7 +120,7 @@ def _fused_batch(specs: list[Spec], i: int) -> BatchSpec | None:
 
 
 def _source_node(
-    source: Any, specs: list[Spec], order: OrderSpec, timeout: float | None
+    source: Any, specs: list[Spec], order: OrderSpec, timeout: float | None, kept: KeptPools | None
 ) -> tuple[Node, int]:
     first = specs[0] if specs else None
     if isinstance(source, Sequential):
@@ -132,7 +142,7 @@ def _source_node(
     if isinstance(first, MapSpec) and first.mode == "process":  # workers read for themselves
         node = RandomSourceNode(source, order, unit=_ELEMENT_UNIT, emit="indices")
         batch = _fused_batch(specs, 0)
-        return _map_node(node, first, 0, source, batch), 2 if batch else 1
+        return _map_node(node, first, 0, kept, source, batch), 2 if batch else 1
     if isinstance(source, FilesSource):
         node = RandomSourceNode(source, order, unit=_ELEMENT_UNIT, emit="indices")
         return _files_node(node, source), 0
@@ -158,6 +168,7 @@ def _map_node(
     upstream: Node,
     spec: MapSpec,
     stage: int,
+    kept: KeptPools | None,
     source: RandomAccess | None = None,
     batch: BatchSpec | None = None,
 ) -> Node:
@@ -171,16 +182,17 @@ def _map_node(
         upstream = BatchNode(upstream, batch.size, batch.drop_last, list, f"batch({batch.size})")
         collate_fn = batch.collate or collate
     work = MapWork(spec.fn, stage, collate_fn, source)
-    make = _pool_factory(spec, work)
+    make = _pool_factory(spec, work, kept)
+    keep = kept.offer if kept is not None and spec.mode == "process" else None
     workers = max(1, spec.workers)
     # fused: whole batches in flight, at least two per worker (as DataLoader's prefetch_factor)
     window = spec.window if batch is None else max(2 * workers, -(-spec.window // batch.size))
-    node = ParallelMapNode(upstream, make, window, spec.ordered, policy, workers, stage)
+    node = ParallelMapNode(upstream, make, window, spec.ordered, policy, workers, stage, keep)
     policy.meter = node.meter
     return node
 
 
-def _pool_factory(spec: MapSpec, work: MapWork) -> PoolFactory:
+def _pool_factory(spec: MapSpec, work: MapWork, kept: KeptPools | None) -> PoolFactory:
     def make(ctx: Ctx, done: Any, meter: Meter) -> Pool:
         if spec.mode == "async":
 
@@ -189,6 +201,9 @@ def _pool_factory(spec: MapSpec, work: MapWork) -> PoolFactory:
 
             return AsyncPool(spec.name, run, done, meter)
         if spec.mode == "process":
+            if kept is not None and (pool := kept.take(work.stage)) is not None:
+                pool.rebind(ctx, done, meter)
+                return pool
             method = spec.start_method or default_start_method()
             opts = ProcessOptions(method, spec.shm_bytes, spec.threads, spec.chunk)
             return ProcessPool(spec.name, work, ctx, done, meter, spec.workers, opts)
@@ -201,11 +216,11 @@ def _pool_factory(spec: MapSpec, work: MapWork) -> PoolFactory:
     return make
 
 
-def _stage(node: Node, specs: list[Spec], i: int) -> tuple[Node, int]:
+def _stage(node: Node, specs: list[Spec], i: int, kept: KeptPools | None) -> tuple[Node, int]:
     spec = specs[i]
     if isinstance(spec, MapSpec):
         batch = _fused_batch(specs, i)
-        return _map_node(node, spec, i, None, batch), i + (2 if batch else 1)
+        return _map_node(node, spec, i, kept, None, batch), i + (2 if batch else 1)
     if isinstance(spec, FilterSpec):
         return FilterNode(node, spec.predicate, spec.name), i + 1
     if isinstance(spec, BatchSpec):

@@ -6,6 +6,9 @@ dataset never travels; results come back through a per-worker shared-memory aren
 falling back to the pipe only for results larger than the arena. Per-item IPC is amortised by
 sending chunks sized to about 5 ms of work.
 
+A pass that takes every result leaves its pool to the pipeline's next pass (:class:`KeptPools`),
+so workers live from epoch to epoch: no fork, no new arena, nothing to warm up again.
+
 Threads: the feeder thread calls ``submit``/``flush``; one collector thread receives results and
 watches the workers' sentinels; ``close`` is called from the consumer's thread.
 """
@@ -32,7 +35,7 @@ from slipstream._core.procs import die_with_parent, how_it_ended, stop_process
 from slipstream._core.stats import Meter, ProcessStats, now, rss_bytes
 from slipstream.data._node import CLOSE_S, POLL_S, Ctx, Item
 from slipstream.data._parallel import MapWork, format_remote
-from slipstream.data._pools import Done, Err
+from slipstream.data._pools import Done, Err, Pool
 from slipstream.data._wire import SLOTS, ParentArena, WorkerArena, encode_inband
 
 _TARGET_CHUNK_S = 0.005
@@ -138,6 +141,7 @@ class ProcessPool:
         self._chunk = opts.chunk or 1
         self._adapt = opts.chunk is None and work.collate is None  # a batch is one task already
         self._ctx = ctx
+        self.stage = work.stage
         fork = opts.start_method == "fork"
         if work.source is not None:
             work = replace(work, source=work.source.for_workers(self._owner, fork=fork))
@@ -188,6 +192,19 @@ class ProcessPool:
         if block is not None:
             worker.arena = ParentArena(block, lambda slot: self._free_slot(worker, slot))
         return worker
+
+    def rebind(self, ctx: Ctx, done: Done, meter: Meter) -> None:
+        """Serve a new pass (a kept pool): its position, results and figures."""
+        with self._cond:
+            self._ctx, self._done, self._meter = ctx, done, meter
+
+    def idle(self) -> bool:
+        """Every worker alive and nothing pending or in flight: able to serve another pass."""
+        with self._cond:
+            busy = self._pending or any(w.tasks for w in self._workers)
+            if busy or self._failure is not None or self._closing:
+                return False
+        return all(w.proc.is_alive() for w in self._workers)
 
     def _free_slot(self, w: _Worker, slot: int) -> None:
         with self._cond:
@@ -302,6 +319,54 @@ class ProcessPool:
         if collector is not None and collector is not threading.current_thread():
             collector.join(CLOSE_S)
         self._owner.close()
+
+
+class KeptPools:
+    """Process pools that passes which took every result leave to the pipeline's next pass.
+
+    Keyed by stage number: a pipeline's stages never change, so a number names the same work in
+    every pass. The pipeline closes them with itself (``close()``, garbage collection or exit);
+    a pass left early closes its pools instead of offering them. A process forked from the
+    owner (a Hogwild worker) starts with none: the parent's pools are not its own to use.
+    """
+
+    def __init__(self) -> None:
+        self._pools: dict[int, ProcessPool] = {}
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def _here(self) -> dict[int, ProcessPool]:
+        """This process's pools (call with the lock held)."""
+        if self._pid != os.getpid():
+            self._pid, self._pools = os.getpid(), {}
+        return self._pools
+
+    def take(self, stage: int) -> ProcessPool | None:
+        """The pool kept for ``stage``, if all its workers still live (else it is closed)."""
+        with self._lock:
+            pool = self._here().pop(stage, None)
+        if pool is not None and not pool.idle():
+            pool.close()
+            return None
+        return pool
+
+    def offer(self, pool: Pool) -> bool:
+        """Keep ``pool`` if it can serve another pass; ``False`` if the caller should close it."""
+        if not isinstance(pool, ProcessPool) or not pool.idle():
+            return False
+        with self._lock:
+            old = self._here().pop(pool.stage, None)
+            self._pools[pool.stage] = pool
+        if old is not None:
+            old.close()
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            pools = list(self._here().values())
+            self._pools = {}
+        for pool in pools:
+            pool.close()
 
 
 def _remote_err(out: tuple[str, Any, str, int | None]) -> Err:
