@@ -96,6 +96,26 @@ def test_hogwild_trains_digits() -> None:
     assert t.evaluate(test)["acc"] == pytest.approx(history["val_acc"][-1])  # shared weights
 
 
+def _same(sample: Any) -> Any:
+    return sample
+
+
+def _blocks() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("ss_")}
+
+
+def test_hogwild_workers_run_process_maps_and_stop_the_workers_they_kept() -> None:
+    """A Hogwild worker may start process workers for its shard (multiprocessing refuses
+    children to daemonic processes); the shard keeps them from epoch to epoch, and the worker,
+    which ends with os._exit (no finalizer runs), closes them itself first."""
+    x, y = digits()
+    pipe = ss.from_arrays((x[:512], y[:512])).map(_same, mode="process", workers=1).batch(32)
+    before = _blocks()
+    history = trainer(strategy="hogwild", workers=2).fit(pipe, epochs=2)
+    assert history.steps == 2 * 512 // 32
+    assert _blocks() == before  # every arena of the workers' pools was released
+
+
 class Crash(ss.Trainer):
     def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
         if torch.get_num_threads() and os.getpid() != PARENT and batch[1][0] == 7:

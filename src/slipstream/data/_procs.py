@@ -24,6 +24,7 @@ import pickle
 import signal
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -327,7 +328,8 @@ class KeptPools:
     Keyed by stage number: a pipeline's stages never change, so a number names the same work in
     every pass. The pipeline closes them with itself (``close()``, garbage collection or exit);
     a pass left early closes its pools instead of offering them. A process forked from the
-    owner (a Hogwild worker) starts with none: the parent's pools are not its own to use.
+    owner (a Hogwild worker) starts with none: the parent's pools are not its own to use, and
+    it calls :func:`close_kept_pools` before it ends with ``os._exit``.
     """
 
     def __init__(self) -> None:
@@ -357,6 +359,7 @@ class KeptPools:
         with self._lock:
             old = self._here().pop(pool.stage, None)
             self._pools[pool.stage] = pool
+        _KEEPERS.add(self)
         if old is not None:
             old.close()
         return True
@@ -367,6 +370,16 @@ class KeptPools:
             self._pools = {}
         for pool in pools:
             pool.close()
+
+
+_KEEPERS: weakref.WeakSet[KeptPools] = weakref.WeakSet()
+
+
+def close_kept_pools() -> None:
+    """Close the pools every pipeline keeps in this process, for a process about to end with
+    ``os._exit`` (which runs no finalizer). Pools of the process it was forked from are left."""
+    for kept in list(_KEEPERS):
+        kept.close()
 
 
 def _remote_err(out: tuple[str, Any, str, int | None]) -> Err:

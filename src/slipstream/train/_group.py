@@ -25,6 +25,7 @@ import torch
 
 from slipstream._core.errors import TrainingError
 from slipstream._core.procs import die_with_parent, how_it_ended, stop_process
+from slipstream.data._procs import close_kept_pools
 
 Target = Callable[[int, Any], Any]
 
@@ -57,6 +58,9 @@ def _child(target: Target, rank: int, conn: Any, parent: int) -> None:
     _spawned = True
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides how to stop
+    # Its pipelines may start process workers, which multiprocessing refuses to a daemonic
+    # process; this one is stopped by its parent (Group.close) or with it (die_with_parent).
+    mp.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
     code = 0
     try:
         conn.send(("done", pack(target(rank, conn))))
@@ -67,6 +71,7 @@ def _child(target: Target, rank: int, conn: Any, parent: int) -> None:
             conn.send(("error", f"{type(e).__name__}: {e}", detail))
     finally:
         conn.close()
+        close_kept_pools()  # this process's pipeline workers: no finalizer runs past os._exit
     os._exit(code)  # skip atexit handlers inherited from the parent
 
 
