@@ -55,7 +55,7 @@ def _rekeyed(i: int) -> dict[str, np.ndarray]:
 def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, tuple | list) and not isinstance(a, str):
+    if isinstance(a, tuple | list):
         return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
