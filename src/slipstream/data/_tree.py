@@ -115,16 +115,14 @@ class Stacker:
             self._samples.append(sample)
             return
         if self._count == 0:
-            self._form = _form(sample)
-            first = _flat(sample, self._form) or []
-            if sum(map(_nbytes, first)) < self.AS_MADE_BYTES:
-                self._samples = [sample]
+            leaves = self._begin(sample)
+            if leaves is None:
                 return
-            self._columns = [self._column(leaf) for leaf in first]
-        leaves = _flat(sample, self._form)
-        if leaves is None or not all(map(_fits, self._columns, leaves)):
-            self._samples = [self._sample(j) for j in range(self._count)] + [sample]
-            return
+        else:
+            leaves = _flat(sample, self._form)
+            if leaves is None or not all(map(_fits, self._columns, leaves)):
+                self._samples = [self._sample(j) for j in range(self._count)] + [sample]
+                return
         for column, leaf in zip(self._columns, leaves, strict=True):
             if isinstance(column, list):
                 column.append(leaf)
@@ -139,6 +137,17 @@ class Stacker:
             _stack_leaf(c, None) if isinstance(c, list) else c[: self._count] for c in self._columns
         ]
         return _build(self._form, iter(done))
+
+    def _begin(self, first: Any) -> list[Any] | None:
+        """Set up the batch from its first sample; its leaves, or ``None`` if the samples are
+        only listed."""
+        self._form = _form(first)
+        leaves = _flat(first, self._form) or []
+        if sum(map(_nbytes, leaves)) < self.AS_MADE_BYTES:
+            self._samples = [first]
+            return None
+        self._columns = [self._column(leaf) for leaf in leaves]
+        return leaves
 
     def _column(self, leaf: Any) -> Any:
         shape = (self._n, *getattr(leaf, "shape", ()))
