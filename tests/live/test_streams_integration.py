@@ -27,8 +27,10 @@ def _stream_child(run: Path, ignore_sigint: bool = False, **kw: Any) -> subproce
         "import sys; from pathlib import Path; from tests.live.helpers import train_stream; "
         f"train_stream(Path(sys.argv[1]), {args})"
     )
-    if ignore_sigint:  # as `nohup … &` starts a process
-        code = f"import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); {code}"
+    # SIGINT as `nohup … &` leaves it (ignored), or as a terminal's shell does: a test runner
+    # started in the background without job control would pass on an ignored SIGINT
+    sigint = "signal.SIG_IGN" if ignore_sigint else "signal.default_int_handler"
+    code = f"import signal; signal.signal(signal.SIGINT, {sigint}); {code}"
     return subprocess.Popen(
         [sys.executable, "-c", code, str(run)],
         cwd=ROOT,

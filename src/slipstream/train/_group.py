@@ -79,6 +79,10 @@ class Group:
     """``n`` forked processes named ``{what} {rank}`` in errors."""
 
     def __init__(self, what: str, n: int, target: Target) -> None:
+        # Every child builds an optimizer, and torch's first optimizer imports torch._dynamo:
+        # about 1.3 s of CPU in each child, all at once. Imported here, the children inherit it.
+        import torch._dynamo  # noqa: F401
+
         ctx = mp.get_context("fork")
         self.what = what
         self.conns: list[Any] = []
@@ -147,7 +151,7 @@ class Group:
         """While inside, a SIGINT or SIGTERM to this process is passed on to the children as
         SIGUSR1 (a rank's ``fit`` stops cleanly after its step on it); a second one interrupts
         at once. Yields the names of the signals received. Only in the main thread, where
-        signals arrive."""
+        signals arrive; a signal this process was started ignoring stays ignored."""
         received: list[str] = []
         if threading.current_thread() is not threading.main_thread():
             yield received
@@ -162,7 +166,8 @@ class Group:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(proc.pid, signal.SIGUSR1)
 
-        stops = (signal.SIGINT, signal.SIGTERM)
+        ours = (signal.SIGINT, signal.SIGTERM)
+        stops = [s for s in ours if signal.getsignal(s) is not signal.SIG_IGN]  # as Fit does
         previous = {s: signal.signal(s, handler) for s in stops}
         try:
             yield received
