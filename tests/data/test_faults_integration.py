@@ -279,3 +279,33 @@ def test_leaving_early_closing_and_dropping_shut_everything_down(mode: str) -> N
     next(it)
     del it, other  # garbage collection alone stops it
     assert not _threads()
+
+
+class _Held:
+    """What a caller of the pipeline keeps in its locals (a DDP-wrapped model, say)."""
+
+
+def _count_holding(pipe: ss.Pipeline, held: _Held) -> int:
+    n = 0
+    for _ in pipe:  # in this frame, as a training loop is (a generator's frame drops its caller)
+        n += 1
+    return n
+
+
+def test_a_finished_pass_lets_go_of_its_callers_locals() -> None:
+    # the pass looks one item ahead; the StopIteration it met there must not keep the frames
+    # of the loop that consumed it alive until a garbage collection (a DDP model kept past
+    # its process group's end aborts the interpreter at exit)
+    import gc
+    import weakref
+
+    held = _Held()
+    gone = weakref.ref(held)
+    pipe = ss.from_arrays(np.arange(10)).batch(4)
+    gc.disable()
+    try:
+        assert _count_holding(pipe, held) == 3
+        del held
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -209,6 +209,10 @@ class Run:
         return self.head.total()
 
     def close(self) -> None:
+        # An exception looked ahead holds, through its traceback, the frames of whoever called
+        # ``next`` (and their locals: a DDP-wrapped model, say) in a cycle with this pass;
+        # dropped here, they go when their callers return, not at the next garbage collection.
+        self._ahead = None
         if not self.closed:
             self.closed = True
             self.head.close()
