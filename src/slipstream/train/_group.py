@@ -151,7 +151,7 @@ class Group:
         """While inside, a SIGINT or SIGTERM to this process is passed on to the children as
         SIGUSR1 (a rank's ``fit`` stops cleanly after its step on it); a second one interrupts
         at once. Yields the names of the signals received. Only in the main thread, where
-        signals arrive; a signal this process was started ignoring stays ignored."""
+        signals arrive; a signal this process ignores stays ignored."""
         received: list[str] = []
         if threading.current_thread() is not threading.main_thread():
             yield received
