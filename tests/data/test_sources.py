@@ -75,6 +75,20 @@ def test_from_parquet_random_access_batch_equals_row_by_row(tmp_path: Path) -> N
         assert np.array_equal(a["vec"], b["vec"])
 
 
+def test_a_dropped_parquet_pipeline_closes_its_files(tmp_path: Path) -> None:
+    import gc
+    import warnings
+
+    write_parquet(tmp_path / "a.parquet", 100, row_group=30)
+    pipe = ss.from_parquet(str(tmp_path / "a.parquet")).batch(16)
+    assert len(list(pipe)) == 7  # the source keeps its files open for the next epoch
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del pipe  # never closed: dropping it must close the files, not leave them to warn
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+
+
 def test_from_parquet_unknown_column_is_named(tmp_path: Path) -> None:
     write_parquet(tmp_path / "a.parquet", 10, row_group=5)
     with pytest.raises(ss.ArgumentError, match=r"\['nope'\] not in .*a.parquet"):

@@ -69,13 +69,13 @@ class ParquetSource:
         self.columns = columns
         self.cache_blocks = positive_int("cache_blocks", cache_blocks)
         self._files: OrderedDict[int, Any] = OrderedDict()  # a few open files, most recent last
+        self._cache: OrderedDict[int, Any] = OrderedDict()
         self._pid = os.getpid()  # the process that opened them
         blocks = [(f, rg, n) for f in range(len(self.paths)) for rg, n in self._row_groups(f)]
         self._block_file = np.array([b[0] for b in blocks], dtype=np.int64)
         self._block_rg = np.array([b[1] for b in blocks], dtype=np.int64)
         self.block_sizes: Int64s | None = np.array([b[2] for b in blocks], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self.block_sizes)]).astype(np.int64)
-        self._cache: OrderedDict[int, Any] = OrderedDict()
 
     def _open(self, f: int) -> Any:
         if self._pid != os.getpid():  # forked (a Hogwild worker, a rank): the parent's open
@@ -103,6 +103,11 @@ class ParquetSource:
         while self._files:
             self._files.popitem()[1][1].close()
         self._cache.clear()
+
+    def __del__(self) -> None:
+        # A pipeline dropped without close(): its files close here, not in ResourceWarnings.
+        if "_cache" in self.__dict__:  # also when __init__ failed after opening a file
+            self.close()
 
     def _row_groups(self, f: int) -> list[tuple[int, int]]:
         pf = self._open(f)
