@@ -29,7 +29,7 @@ from slipstream._core.checks import positive_int
 from slipstream._core.errors import ArgumentError, CheckpointError
 from slipstream.train import _checkpoint as ckpt
 from slipstream.train._callbacks import overrides
-from slipstream.train._group import spawned
+from slipstream.train._group import spawned, stop_signals
 from slipstream.train._metrics import Averages
 from slipstream.train._step import batch_size, to_device
 
@@ -265,12 +265,7 @@ def stop_on_signals(fit: Fit) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    ours = [signal.SIGINT, signal.SIGTERM]
-    stops = (
-        [signal.SIGUSR1]
-        if spawned()
-        else [s for s in ours if signal.getsignal(s) is not signal.SIG_IGN]
-    )
+    stops = [signal.SIGUSR1] if spawned() else stop_signals()
 
     def handler(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name

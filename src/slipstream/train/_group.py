@@ -53,6 +53,13 @@ def spawned() -> bool:
     return _spawned
 
 
+def stop_signals() -> list[signal.Signals]:
+    """SIGINT and SIGTERM, less those this process ignores: a process started with one ignored
+    (SIGINT under ``nohup … &``) keeps ignoring it."""
+    ours = (signal.SIGINT, signal.SIGTERM)
+    return [s for s in ours if signal.getsignal(s) is not signal.SIG_IGN]
+
+
 def _child(target: Target, rank: int, conn: Any, parent: int) -> None:
     global _spawned
     _spawned = True
@@ -166,9 +173,7 @@ class Group:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(proc.pid, signal.SIGUSR1)
 
-        ours = (signal.SIGINT, signal.SIGTERM)
-        stops = [s for s in ours if signal.getsignal(s) is not signal.SIG_IGN]  # as Fit does
-        previous = {s: signal.signal(s, handler) for s in stops}
+        previous = {s: signal.signal(s, handler) for s in stop_signals()}
         try:
             yield received
         finally:
