@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -130,6 +131,21 @@ def test_process_workers_live_from_epoch_to_epoch_until_the_pipeline_closes() ->
     assert len(fresh) == 2 and fresh.isdisjoint(first)
     pipe.close()
     assert all(_gone(pid) for pid in fresh)
+
+
+def test_a_worker_reaped_by_another_thread_is_not_kept_for_the_next_epoch() -> None:
+    # The collector's join and the next pass's check both wait on a dead worker; whichever
+    # reaps it second learns nothing from waitpid. Reaping it here, usually before the
+    # collector, stands in for the collector winning that race.
+    pipe = ss.from_arrays(np.arange(64)).map(_pid, mode="process", workers=2).batch(8)
+    first = _pids(pipe)
+    dead = min(first)
+    os.kill(dead, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):  # the collector was first this time
+        os.waitpid(dead, 0)
+    fresh = _pids(pipe)
+    assert len(fresh) == 2 and fresh.isdisjoint(first)
+    pipe.close()
 
 
 def test_async_map_overlaps_waits() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing.connection as mpc
 import os
 import signal
 from typing import Any
@@ -25,19 +26,28 @@ def die_with_parent(parent: int | None) -> None:
         os._exit(1)
 
 
+def ended(proc: Any) -> bool:
+    """Whether ``proc`` (a started ``multiprocessing`` process) has exited. Unlike ``is_alive``
+    this holds however its exit status was collected: when two threads wait on one child, the
+    second learns nothing from ``waitpid`` and ``is_alive`` tells it the child still lives."""
+    return bool(mpc.wait([proc.sentinel], timeout=0))
+
+
 def stop_process(proc: Any, grace: float) -> None:
     """Wait ``grace`` seconds for ``proc`` (asked to stop) to exit; then terminate, then kill."""
+    for stop in (proc.terminate, proc.kill):
+        proc.join(grace)
+        if ended(proc):
+            return
+        stop()
+        grace = 2.0
     proc.join(grace)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(2.0)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(2.0)
 
 
 def how_it_ended(exitcode: int | None) -> str:
     """``"was killed by SIGKILL"`` or ``"exited with code 3"``."""
-    if exitcode is not None and exitcode < 0:
+    if exitcode is None:  # its exit status went to another waiter
+        return "ended"
+    if exitcode < 0:
         return f"was killed by {signal.Signals(-exitcode).name}"
     return f"exited with code {exitcode}"

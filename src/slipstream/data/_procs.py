@@ -32,7 +32,7 @@ import torch
 
 from slipstream._core import shm
 from slipstream._core.errors import ArgumentError, WorkerDiedError
-from slipstream._core.procs import die_with_parent, how_it_ended, stop_process
+from slipstream._core.procs import die_with_parent, ended, how_it_ended, stop_process
 from slipstream._core.stats import Meter, ProcessStats, now, rss_bytes
 from slipstream.data._node import CLOSE_S, POLL_S, Ctx, Item
 from slipstream.data._parallel import MapWork, format_remote
@@ -205,7 +205,7 @@ class ProcessPool:
             busy = self._pending or any(w.tasks for w in self._workers)
             if busy or self._failure is not None or self._closing:
                 return False
-        return all(w.proc.is_alive() for w in self._workers)
+        return not any(ended(w.proc) for w in self._workers)  # the collector may reap them
 
     def _free_slot(self, w: _Worker, slot: int) -> None:
         with self._cond:
