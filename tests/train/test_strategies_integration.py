@@ -87,12 +87,26 @@ def test_a_killed_ddp_rank_stops_every_rank_with_its_name() -> None:
     assert time.monotonic() - start < 60
 
 
+class ParentThreads(ss.Callback):
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def on_epoch_end(self, fit: Any, logs: dict[str, float]) -> None:
+        self.seen.add(torch.get_num_threads())
+
+
 def test_hogwild_trains_digits() -> None:
     train, test = pipes()
-    t = trainer(strategy="hogwild", workers=2)
+    parent = ParentThreads()
+    t = trainer(strategy="hogwild", workers=2, callbacks=[parent])
+    before = torch.get_num_threads()
     history = t.fit(train, val=test, epochs=5)
     assert history["val_acc"][-1] > 0.85
-    assert history.config["threads"] == max(1, (os.cpu_count() or 1) // 2)
+    cores = len(os.sched_getaffinity(0))
+    assert history.config["threads"] == max(1, cores // 2)
+    # the parent evaluates on the cores the workers leave, and has its threads back after
+    assert parent.seen == {max(1, cores - 2 * history.config["threads"])}
+    assert torch.get_num_threads() == before
     assert t.evaluate(test)["acc"] == pytest.approx(history["val_acc"][-1])  # shared weights
 
 

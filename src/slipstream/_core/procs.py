@@ -1,4 +1,5 @@
-"""Owned child processes: dying with the parent, stopping in time, saying how one ended."""
+"""Cores and owned child processes: intra-op threads, dying with the parent, stopping in time,
+saying how one ended."""
 
 from __future__ import annotations
 
@@ -7,12 +8,26 @@ import ctypes
 import multiprocessing.connection as mpc
 import os
 import signal
+from collections.abc import Iterator
 from typing import Any
+
+import torch
 
 
 def cpu_count() -> int:
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads in this process, then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def die_with_parent(parent: int | None) -> None:

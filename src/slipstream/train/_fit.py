@@ -153,6 +153,12 @@ class Fit:
         epochs = self.plan.epochs
         return (epochs is not None and self.epoch >= epochs) or self._steps_done()
 
+    @property
+    def watches_steps(self) -> bool:
+        """Whether anything acts between updates: a step callback, a live feed (it publishes
+        weights), or a step limit. Hogwild pauses its workers for them; nothing else needs it."""
+        return bool(self._after_step) or self.feed is not None or self.plan.steps is not None
+
     def _steps_done(self) -> bool:
         return self.plan.steps is not None and self.step >= self.plan.steps
 

@@ -25,6 +25,7 @@ import torch
 
 from slipstream._core.checks import positive_int
 from slipstream._core.errors import ArgumentError, CheckpointError, LifecycleError, TrainingError
+from slipstream._core.procs import cpu_count, torch_threads
 from slipstream.train._fit import Fit, FitPlan, History, evaluate_sums
 from slipstream.train._group import Group, pack, unpack
 from slipstream.train._metrics import means
@@ -91,14 +92,17 @@ class Hogwild:
         self.pause = mp.RawValue("i", 0)
         self.next_sync = mp.RawValue("q", _NEVER)
         shards = [plan.train.shard(rank, n) for rank in range(n)]
-        self.group = Group(
-            "hogwild worker", n, lambda r, conn: self._worker(trainer, shards[r], r, conn)
-        )
-        try:
-            with deterministic(trainer.deterministic):
-                return Fit(trainer, plan, self).run()
-        finally:
-            self._shut_down()
+        # The parent evaluates on the cores the workers leave, at least one: its idle intra-op
+        # threads spin after each evaluation, and on a worker's core they slow that worker.
+        with torch_threads(max(1, cpu_count() - n * self.threads)):
+            self.group = Group(
+                "hogwild worker", n, lambda r, conn: self._worker(trainer, shards[r], r, conn)
+            )
+            try:
+                with deterministic(trainer.deterministic):
+                    return Fit(trainer, plan, self).run()
+            finally:
+                self._shut_down()
 
     def _shut_down(self) -> None:
         """Ask the workers to exit, then reap them; a failure here never hides the run's own."""
@@ -157,7 +161,9 @@ class Hogwild:
         return int(sum(self.counts))
 
     def _arm(self, fit: Fit) -> None:
-        goal = (fit.step // self.sync_every + 1) * self.sync_every
+        goal = _NEVER  # with nothing to consult between epochs, workers never wait for each other
+        if fit.watches_steps:
+            goal = (fit.step // self.sync_every + 1) * self.sync_every
         if fit.plan.steps is not None:
             goal = min(goal, fit.plan.steps)
         self.next_sync.value = goal

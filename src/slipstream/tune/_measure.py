@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from slipstream._core.events import Record
+from slipstream._core.procs import torch_threads
 from slipstream.data import Pipeline
 from slipstream.train import Timeout, Trainer
 from slipstream.train._step import batch_size, to_device
@@ -85,16 +86,6 @@ def rate_of(records: list[Record]) -> tuple[float, float]:
         rates.append(statistics.median(r["samples_per_s"] for r in measured))
         stalls += [r["stall"] for r in measured]
     return sum(rates), statistics.median(stalls) if stalls else 0.0
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def pipeline_alone(pipe: Pipeline, seconds: float) -> float:
