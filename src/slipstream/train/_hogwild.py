@@ -2,9 +2,11 @@
 
 The parent shares the model's parameters (``share_memory()``) and forks the workers; each
 worker builds its own optimizer, reads its own shard of the pipeline and runs with
-``cores / workers`` intra-op threads. The parent coordinates: it evaluates between epochs, and
-every ``sync_every`` updates (summed over workers) or when a callback's deadline comes it pauses
-the workers between two steps, runs the step callbacks (checkpoints, timeouts) and resumes them.
+``cores / workers`` intra-op threads. The parent coordinates: it evaluates between epochs (on
+the cores the workers leave, at least one), and every ``sync_every`` updates (summed over
+workers) or when a callback's deadline comes it pauses the workers between two steps, runs the
+step callbacks (checkpoints, timeouts) and resumes them. With no step callback, live feed or step
+limit there is nothing to run, and the workers meet only at the end of each epoch.
 A paused run is consistent: the shared weights hold exactly the updates of the batches each
 worker's pipeline state says it consumed, so a resumed run repeats and skips no sample.
 
