@@ -163,7 +163,7 @@ class Hogwild:
         return int(sum(self.counts))
 
     def _arm(self, fit: Fit) -> None:
-        goal = _NEVER  # with nothing to consult between epochs, workers never wait for each other
+        goal = _NEVER  # with nothing to run between updates, workers meet only at epoch ends
         if fit.watches_steps:
             goal = (fit.step // self.sync_every + 1) * self.sync_every
         if fit.plan.steps is not None:
