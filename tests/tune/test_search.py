@@ -126,6 +126,25 @@ def test_an_unlucky_measurement_does_not_bury_a_better_setting() -> None:
     assert found.best is not None and found.best.setting["batch"] == 256
 
 
+def test_a_setting_never_measured_beside_the_best_is_not_believed() -> None:
+    """Batch 256 measures 20% ahead of the start, but batch 128 was measured between them and
+    the budget (3 trials) leaves no pair to put the two side by side: the start stays."""
+    clock = FakeClock()
+
+    def measure(setting: Setting) -> Trial:
+        clock.now += 1
+        rate = {64: 1000.0, 128: 500.0, 256: 1200.0}[setting["batch"]]
+        return Trial(dict(setting), rate, seconds=1)
+
+    found = search(START, [Knob.of("batch", [128, 256])], measure, budget_s=3, clock=clock)
+    assert found.best is not None and found.best.setting == START
+    assert [t.setting["batch"] for t in found.trials] == [64, 128, 256]
+    # with one pair more in the budget, the pair confirms it
+    clock = FakeClock()
+    found = search(START, [Knob.of("batch", [128, 256])], measure, budget_s=5, clock=clock)
+    assert found.best is not None and found.best.setting["batch"] == 256
+
+
 def test_one_slow_setting_does_not_keep_the_others_from_being_measured_again() -> None:
     """bf16 takes 20 s a trial, the others 1 s. Batch 128, new, is expected to take as long as
     the slowest so far and just fits (21 + 20 s of 41); its lucky first measurement is then

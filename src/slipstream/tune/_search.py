@@ -8,8 +8,9 @@ process after the process count changed).
 Measurements are noisy, so no single trial decides: a setting measured near the best (less
 than ``doubt`` behind) or ahead of it is measured again, alternating with the best, until the
 pairs tell them apart, and it replaces the best only if the lower median of its ratios to the
-best, pair by pair, is above ``1 + margin``. A lucky trial is not believed, and an unlucky
-one does not bury a good setting.
+best, pair by pair, is above ``1 + margin`` (a pair: two measurements one right after the
+other; a setting the budget left no pair for stays behind). A lucky trial is not believed, and
+an unlucky one does not bury a good setting.
 Budget left once the search converges goes to measuring the settings that came closest to the
 best again, side by side with it, by the same rule. A trial is started only when the time it
 is expected to take fits in what is left: a setting measured before, what it took then; a new
@@ -120,6 +121,7 @@ class _Runner:
     ) -> None:
         self.measure, self.deadline, self.clock = measure, deadline, clock
         self.measured: dict[str, list[Trial]] = {}  # by setting, in the order first tried
+        self.last: list[str] = []  # the settings of the latest two measurements, in order
         self.skipped: list[Setting] = []
 
     def _fits(self, *keys: str) -> bool:
@@ -145,15 +147,19 @@ class _Runner:
         if not self._fits():
             self.skipped.append(setting)
             return None
-        self.measured[key] = [self.measure(setting)]
+        self.measured[key] = [self._measure(setting)]
         return self.summary(key)
+
+    def _measure(self, setting: Setting) -> Trial:
+        self.last = [*self.last[-1:], _key(setting)]
+        return self.measure(setting)
 
     def again(self, trial: Trial) -> Trial:
         """``trial``'s setting measured once more (unless it failed): the median so far. The
         caller has checked that the budget allows it."""
         key = _key(trial.setting)
         if not trial.error:
-            self.measured[key].append(self.measure(trial.setting))
+            self.measured[key].append(self._measure(trial.setting))
         return self.summary(key)
 
     def duel(self, trial: Trial, best: Trial, margin: float) -> tuple[Trial, Trial, float]:
@@ -161,8 +167,11 @@ class _Runner:
         of their paired ratios is ahead by ``margin``, a pair puts ``trial`` behind, or each
         has ``REPEATS`` measurements. Pairs, not each one's median over all its measurements:
         the best's older measurements were taken while the machine may have run faster or
-        slower. Returns both trials and that ratio."""
-        ratios = [self._pair(trial, best)]
+        slower. So ``trial``'s latest measurement makes a pair only if the best's came just
+        before it, and with no pair at all (the budget allowed none) the ratio is 0: a setting
+        never measured beside the best is not believed. Returns both trials and that ratio."""
+        beside = self.last == [_key(best.setting), _key(trial.setting)]
+        ratios = [self._pair(trial, best)] if beside else []
         while trial.repeats < REPEATS and not trial.error:
             if not self._fits(_key(trial.setting), _key(best.setting)):
                 break  # the budget allows no more pairs
@@ -170,7 +179,7 @@ class _Runner:
             ratios.append(self._pair(trial, best))
             if statistics.median_low(ratios) > 1 + margin or ratios[-1] <= 1:
                 break  # ahead by the margin, or behind when measured side by side again
-        return trial, best, statistics.median_low(ratios)
+        return trial, best, statistics.median_low(ratios) if ratios else 0.0
 
     def _pair(self, trial: Trial, best: Trial) -> float:
         """The ratio of the two settings' latest measurements."""
