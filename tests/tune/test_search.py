@@ -128,7 +128,7 @@ def test_an_unlucky_measurement_does_not_bury_a_better_setting() -> None:
 
 def test_a_setting_never_measured_beside_the_best_is_not_believed() -> None:
     """Batch 256 measures 20% ahead of the start, but batch 128 was measured between them and
-    the budget (3 trials) leaves no pair to put the two side by side: the start stays."""
+    the budget (3 trials) leaves no trial to put the two side by side: the start stays."""
     clock = FakeClock()
 
     def measure(setting: Setting) -> Trial:
@@ -139,10 +139,12 @@ def test_a_setting_never_measured_beside_the_best_is_not_believed() -> None:
     found = search(START, [Knob.of("batch", [128, 256])], measure, budget_s=3, clock=clock)
     assert found.best is not None and found.best.setting == START
     assert [t.setting["batch"] for t in found.trials] == [64, 128, 256]
-    # with one pair more in the budget, the pair confirms it
+    # one trial more: the start measured again right after batch 256 makes a pair, which
+    # confirms it
     clock = FakeClock()
-    found = search(START, [Knob.of("batch", [128, 256])], measure, budget_s=5, clock=clock)
+    found = search(START, [Knob.of("batch", [128, 256])], measure, budget_s=4, clock=clock)
     assert found.best is not None and found.best.setting["batch"] == 256
+    assert [t.repeats for t in found.trials] == [2, 1, 1]
 
 
 def test_one_slow_setting_does_not_keep_the_others_from_being_measured_again() -> None:

@@ -167,13 +167,16 @@ class _Runner:
         of their paired ratios is ahead by ``margin``, a pair puts ``trial`` behind, or each
         has ``REPEATS`` measurements. Pairs, not each one's median over all its measurements:
         the best's older measurements were taken while the machine may have run faster or
-        slower. So ``trial``'s latest measurement makes a pair only if the best's came just
-        before it, and with no pair at all (the budget allowed none) the ratio is 0: a setting
-        never measured beside the best is not believed. Returns both trials and that ratio."""
-        beside = self.last == [_key(best.setting), _key(trial.setting)]
-        ratios = [self._pair(trial, best)] if beside else []
+        slower. A pair is two measurements one right after the other: when ``trial`` was just
+        measured but not right after the best, the best is measured again first. With no pair
+        at all (the budget allowed none) the ratio is 0: a setting never measured beside the
+        best is not believed. Returns both trials and that ratio."""
+        tk, bk = _key(trial.setting), _key(best.setting)
+        if self.last[-1:] == [tk] and self.last != [bk, tk] and self._fits(bk):
+            best = self.again(best)  # now right after the trial's measurement
+        ratios = [self._pair(trial, best)] if self.last in ([bk, tk], [tk, bk]) else []
         while trial.repeats < REPEATS and not trial.error:
-            if not self._fits(_key(trial.setting), _key(best.setting)):
+            if not self._fits(tk, bk):
                 break  # the budget allows no more pairs
             trial, best = self.again(trial), self.again(best)
             ratios.append(self._pair(trial, best))
