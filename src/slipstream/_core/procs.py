@@ -50,13 +50,13 @@ def ended(proc: Any) -> bool:
 
 def stop_process(proc: Any, grace: float) -> None:
     """Wait ``grace`` seconds for ``proc`` (asked to stop) to exit; then terminate, then kill."""
-    for stop in (proc.terminate, proc.kill):
-        proc.join(grace)
-        if ended(proc):
-            return
-        stop()
-        grace = 2.0
     proc.join(grace)
+    if not ended(proc):
+        proc.terminate()
+        proc.join(2.0)
+    if not ended(proc):
+        proc.kill()
+        proc.join(2.0)
 
 
 def how_it_ended(exitcode: int | None) -> str:
